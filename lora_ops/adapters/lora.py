@@ -1,0 +1,132 @@
+"""Plain LoRA with a fused autograd kernel, and LoRA pairs that several layers can share.
+
+``y = W x + b + s * B A drop(x)`` with ``A`` (r x in) random and ``B`` (out x r) zero.
+
+Speed: the whole layer (frozen GEMM + both LoRA GEMMs + dropout) is one autograd node.
+Compared with composing ``nn.Linear``/``nn.Dropout`` modules this removes four graph
+nodes per layer, adds the LoRA product in place into the base output (``addmm_``) and
+folds the input-gradient of the LoRA path into the frozen path's input-gradient GEMM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_ops.adapters.base import AdapterLayer
+
+
+class _FusedLoRALinear(torch.autograd.Function):
+    """Forward and backward of a frozen linear layer plus a LoRA branch in one node."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dropout_p: float):  # type: ignore[override]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        lora_a = lora_a.to(x2.dtype)
+        lora_b = lora_b.to(x2.dtype)
+        y = F.linear(x2, weight, bias)
+        if dropout_p > 0.0:
+            x_drop, keep = torch.native_dropout(x2, dropout_p, True)
+        else:
+            x_drop, keep = x2, None
+        xa = x_drop @ lora_a.t()
+        y.addmm_(xa, lora_b.t(), alpha=scale)
+        ctx.save_for_backward(weight, lora_a, lora_b, x_drop, xa, keep)
+        ctx.scale = scale
+        ctx.dropout_p = dropout_p
+        ctx.in_shape = shape
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        weight, lora_a, lora_b, x_drop, xa, keep = ctx.saved_tensors
+        scale, p = ctx.scale, ctx.dropout_p
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g_b = g @ lora_b  # (N, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight.to(g.dtype)
+            if keep is None:
+                grad_x.addmm_(g_b, lora_a, alpha=scale)
+            else:
+                grad_x.add_((g_b @ lora_a) * keep, alpha=scale / (1.0 - p))
+            grad_x = grad_x.reshape(ctx.in_shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = (g_b.t() @ x_drop).mul_(scale)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ xa).mul_(scale)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Functional fused LoRA linear: ``x W^T + b + scale * drop(x) A^T B^T``."""
+    return _FusedLoRALinear.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p))
+
+
+class LoRAPair(nn.Module):
+    """The trainable factors ``A`` (r x in) and ``B`` (out x r). One pair may serve many layers."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        self.reset_parameters()
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def reset_parameters(self) -> None:
+        # same initialisation as PEFT / the LoRA paper: Kaiming-uniform A, zero B
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+class LoRALinear(AdapterLayer):
+    """``W x + b + s B A drop(x)``; ``pair`` may be shared with other layers (LoRA-drop)."""
+
+    method = "lora"
+
+    def __init__(self, base: nn.Linear, pair: LoRAPair, scale: float, dropout: float = 0.0) -> None:
+        super().__init__(base)
+        if pair.A.shape[1] != base.in_features or pair.B.shape[0] != base.out_features:
+            raise ValueError(
+                f"LoRA pair shape (out={pair.B.shape[0]}, in={pair.A.shape[1]}) does not fit "
+                f"layer (out={base.out_features}, in={base.in_features})"
+            )
+        self.lora = pair
+        self.scale = float(scale)
+        self.dropout = float(dropout)
+        pair.to(device=base.weight.device)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        return lora_linear(x, self.base.weight, self.base.bias, self.lora.A, self.lora.B, self.scale, p)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.lora.B @ self.lora.A)
+
+    def as_lora(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, scale) of an equivalent plain LoRA, for PEFT export."""
+        return self.lora.A.detach(), self.lora.B.detach(), self.scale
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.lora.rank}, scale={self.scale:g}, dropout={self.dropout:g}"

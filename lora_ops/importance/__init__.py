@@ -1,0 +1,1 @@
+"""Importance criteria (one module per criterion)."""

@@ -1,0 +1,147 @@
+"""The method interface and its registry.
+
+A method is one class with the pipeline's verbs:
+
+=============  =================================================================
+``calibrate``  measure something on a calibration sample (default: nothing)
+``score``      turn measurements into per-module importance (default: nothing)
+``decide``     the plan: which adapter each target gets (JSON-able dict)
+``build``      inject adapter layers into a model according to the plan
+``controller`` in-loop behaviour during fine-tuning (schedules, masks, regularisers)
+``export_peft``  PEFT-format config and tensors
+=============  =================================================================
+
+Methods register themselves with :func:`register`; the stages look them up by id with
+:func:`get_method`. Adding a method never edits a central if-chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from lora_ops.adapters.base import AdapterLayer, adapter_layers
+from lora_ops.data import BatchSource
+from lora_ops.targets import Target
+from lora_ops.training.controller import Controller
+from lora_ops.training.loop import TrainConfig
+
+
+class AdapterConfig(BaseModel):
+    """Settings shared by the LoRA-family adapters."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | str = "all"
+    rslora: bool = False
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class MethodContext:
+    """Everything a method verb may need beyond the model: validated settings and the seed."""
+
+    adapter: AdapterConfig
+    params: BaseModel
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 32
+
+
+@dataclass
+class PeftExport:
+    """An adapter in PEFT's on-disk form (written by the merge stage)."""
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+class Method:
+    """Base class with the defaults of a method that has a fixed structure (plain LoRA-like)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    #: pydantic model of the method's own section in params.yaml (``params[<name>]``)
+    params_model: ClassVar[type[BaseModel]] = NoParams
+    needs_calibration: ClassVar[bool] = False
+
+    # ---------------------------------------------------------------- stages
+    def calibrate(
+        self, model: nn.Module, targets: list[Target], sample: BatchSource, ctx: MethodContext
+    ) -> list[dict[str, Any]]:
+        """Rows of calibration measurements (one per module, typically). Default: none needed.
+
+        ``model`` must be left as it was given (no adapters, same trainable flags)."""
+        return []
+
+    def score(self, rows: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> list[dict[str, Any]]:
+        """Per-module importance rows. Default: none (fixed structure)."""
+        return []
+
+    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
+        """The plan. Default: every target gets its own adapter."""
+        return {
+            "method": self.name,
+            "modules": {t.name: {"group": t.group, "role": t.role, "layer": t.layer, "mode": "own"} for t in targets},
+        }
+
+    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
+              ) -> dict[str, AdapterLayer]:
+        raise NotImplementedError(f"method {self.name!r} does not implement build()")
+
+    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> Controller:
+        return Controller()
+
+    # ------------------------------------------------------------ accounting
+    def parameter_counts(self, model: nn.Module) -> dict[str, int]:
+        """trainable (during training), active (after training), stored (compact export)."""
+        seen: set[int] = set()
+        trainable = 0
+        for layer in adapter_layers(model).values():
+            for _, p in layer.adapter_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    trainable += p.numel()
+        active = sum(layer.num_active() for layer in _unique_layers(model))
+        return {"trainable": trainable, "active": active, "stored": trainable}
+
+    # ---------------------------------------------------------------- export
+    def export_peft(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> PeftExport:
+        from lora_ops.export import export_lora_family
+
+        return export_lora_family(model)
+
+
+def _unique_layers(model: nn.Module) -> list[AdapterLayer]:
+    return list(adapter_layers(model).values())
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method id {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown method {name!r}: choose one of {', '.join(available_methods())}")
+    return _REGISTRY[name]()

@@ -1,0 +1,29 @@
+"""``lora``: plain LoRA on every target (the baseline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lora_ops.adapters.base import AdapterLayer
+from lora_ops.adapters.lora import LoRALinear, LoRAPair, lora_scale
+from lora_ops.methods.base import Method, MethodContext, register
+from lora_ops.targets import Target, inject
+
+
+def own_lora(linear: nn.Linear, ctx: MethodContext) -> LoRALinear:
+    a = ctx.adapter
+    pair = LoRAPair(linear.in_features, linear.out_features, a.rank)
+    return LoRALinear(linear, pair, lora_scale(a.alpha, a.rank, a.rslora), a.dropout)
+
+
+@register
+class LoRA(Method):
+    name = "lora"
+    description = "plain LoRA on every target module"
+
+    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
+              ) -> dict[str, AdapterLayer]:
+        planned = plan["modules"]
+        return inject(model, targets, lambda t, lin: own_lora(lin, ctx) if t.name in planned else None)

@@ -1,0 +1,230 @@
+"""The fine-tuning loop: AdamW, warm-up + linear decay, per-epoch evaluation, best state kept,
+progress bar, and exact resume from a checkpoint state.
+
+The loop does no file I/O: ``on_checkpoint(state)`` hands a complete, resumable state dict
+to the caller (the finetune stage writes it atomically), and ``resume`` takes it back.
+Data-parallel runs: wrap nothing here; the loop all-reduces adapter gradients itself
+(see :mod:`lora_ops.distributed`) so controllers see identical gradients on every rank.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lora_ops import distributed as dist
+from lora_ops.adapters.base import AdapterLayer
+from lora_ops.data import BatchSource
+from lora_ops.schedules import warmup_linear_decay
+from lora_ops.training.controller import Controller
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    lr: float = 5e-4
+    head_lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_clip: float | None = 1.0
+    max_steps: int | None = None
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at epoch ends
+    select_metric: str = "loss"  # metric for "best"; "loss" is minimised, any other maximised
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by a checkpoint callback to stop training (used to test kill + resume)."""
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of all trainable parameters and adapter buffers (shared tensors once)."""
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for lname, layer in model.named_modules():
+        if isinstance(layer, AdapterLayer):
+            for bname, buf in layer.named_buffers():
+                if not bname.startswith("base."):
+                    state[f"{lname}.{bname}"] = buf.detach().clone()
+    return state
+
+
+@torch.no_grad()
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")
+    for name, value in state.items():
+        target = params.get(name, buffers.get(name))
+        if target is None:
+            raise ValueError(f"checkpoint tensor {name!r} does not exist in this model (wrong plan or method?)")
+        if target.shape != value.shape:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
+        target.copy_(value)
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    adapter_ids: set[int] = set()
+    no_decay_ids: set[int] = set()
+    for layer in model.modules():
+        if isinstance(layer, AdapterLayer):
+            skip = layer.no_decay_parameter_names()
+            for pname, p in layer.adapter_parameters():
+                adapter_ids.add(id(p))
+                if pname in skip:
+                    no_decay_ids.add(id(p))
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_adapter = id(p) in adapter_ids
+        decay = id(p) not in no_decay_ids and not (not is_adapter and (p.dim() < 2 or "norm" in name.lower()))
+        groups.setdefault((is_adapter, decay), []).append(p)
+    out = []
+    for (is_adapter, decay), params in groups.items():
+        lr = cfg.lr if is_adapter or cfg.head_lr is None else cfg.head_lr
+        out.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr})
+    return out
+
+
+def train(
+    model: nn.Module,
+    data: BatchSource,
+    cfg: TrainConfig,
+    controller: Controller | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """Fine-tune the trainable parameters of ``model`` and leave the best state loaded."""
+    controller = controller or Controller()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    loss_fn = loss_fn or (lambda m, batch: m(**batch).loss)
+    steps_per_epoch = len(data)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    if total < 1:
+        raise ValueError("training has no steps: the data set is smaller than one batch or max_steps is 0")
+    controller.bind(total)
+
+    groups = _param_groups(model, cfg)
+    if not groups:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    warmup = int(round(cfg.warmup_ratio * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_linear_decay(s, warmup, total))
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    result = TrainResult(steps=total)
+    maximise = cfg.select_metric != "loss"
+    if resume is not None:
+        load_trainable_state(model, resume["trainable"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        controller.load_state_dict(resume["controller"])
+        step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batch_in_epoch"]
+        result.history, result.evals, result.best = resume["history"], resume["evals"], resume["best"]
+        torch.set_rng_state(resume["rng"]["cpu"])
+        if torch.cuda.is_available() and resume["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        if resume.get("config") and resume["config"] != asdict(cfg):
+            raise ValueError("checkpoint was written with a different training config; delete it to start over")
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "controller": controller.state_dict(),
+            "history": list(result.history), "evals": list(result.evals), "best": dict(result.best),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "config": asdict(cfg),
+        }
+
+    show = cfg.progress and dist.is_main()
+    bar = tqdm(total=total, initial=step, disable=not show, desc="finetune", unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+    started = time.perf_counter()
+    model.train()
+    while step < total and epoch < cfg.epochs:
+        for batch in data.batches(epoch, start=batch_in_epoch):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss = loss_fn(model, batch)
+            reg = controller.regularizer(step)
+            total_loss = loss if reg is None else loss + reg
+            if not torch.isfinite(total_loss):
+                raise FloatingPointError(f"loss became {total_loss.item()} at step {step}: lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            total_loss.backward()
+            dist.all_reduce_gradients(trainable)
+            controller.on_after_backward(step + 1)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            batch_in_epoch += 1
+            controller.on_step_end(step)
+            record = {"step": step, "epoch": epoch + batch_in_epoch / steps_per_epoch,
+                      "loss": dist.mean_scalar(loss.item()), "lr": scheduler.get_last_lr()[0]}
+            if reg is not None:
+                record["regularizer"] = float(reg.detach())
+            result.history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+            bar.update(1)
+            end_of_epoch = batch_in_epoch >= steps_per_epoch
+            if step >= total or end_of_epoch:
+                break
+            if on_checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                on_checkpoint(snapshot())
+        # epoch finished (or budget reached): evaluate, keep the best state
+        if evaluate is not None:
+            model.eval()
+            metrics = evaluate(model)
+            model.train()
+            metrics = {"step": step, "epoch": epoch + 1, **metrics}
+            result.evals.append(metrics)
+            value = metrics.get(cfg.select_metric)
+            if value is None:
+                raise KeyError(f"select_metric {cfg.select_metric!r} not among evaluation metrics {sorted(metrics)}")
+            improved = not result.best or (value > result.best["value"] if maximise else value < result.best["value"])
+            better = controller.allows_best(step) and improved
+            if better:
+                result.best = {"value": value, "step": step, "epoch": epoch + 1, "trainable": trainable_state(model),
+                               "controller": controller.state_dict()}
+            if show:
+                tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                             if isinstance(v, float)))
+        epoch += 1
+        batch_in_epoch = 0
+        if on_checkpoint is not None and step < total:
+            on_checkpoint(snapshot())
+    bar.close()
+    controller.on_train_end()
+    if result.best:
+        load_trainable_state(model, result.best["trainable"])
+        controller.load_state_dict(result.best["controller"])
+        controller.on_train_end()
+    result.seconds = time.perf_counter() - started
+    model.eval()
+    return result

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random models (mechanics only) and the shared data mirror."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LORA_SIEVE_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def random_batch(n: int = 4, seq: int = 12, vocab: int = 120, labels: int = 2, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, seq), generator=gen)
+    mask = torch.ones(n, seq, dtype=torch.long)
+    mask[0, seq // 2:] = 0  # one padded row
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, labels, (n,), generator=gen)}
+
+
+@pytest.fixture
+def batch():
+    return random_batch()
