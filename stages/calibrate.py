@@ -1,0 +1,56 @@
+"""calibrate: the method's calibration pass on a stratified sample (LoRA-drop: probe LoRA +
+per-module output energy). Methods without one record that, cheaply."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import torch
+
+from lora_ops.data import BatchSource, stratified_indices
+from lora_ops.targets import find_targets, freeze_all_but
+from stages.common import runtime
+from stages.common.io import read_parquet, write_json, write_parquet
+from stages.common.params import load_params
+from stages.common.pipeline import Paths, load_base, method_context, task_of, tokenize
+from stages.common.tracking import StageRun
+
+COLUMNS = ["module", "group", "role", "layer"]
+
+
+def main() -> None:
+    params = load_params()
+    method, ctx = method_context(params)
+    with StageRun("calibrate", params.model_dump()) as run:
+        summary = {"method": method.name, "needed": method.needs_calibration}
+        rows = []
+        if method.needs_calibration:
+            runtime.seed_everything(params.seed)
+            train = read_parquet(Paths.train)
+            idx = stratified_indices(torch.tensor(train["label"].to_numpy()), params.calibrate.ratio, params.seed)
+            sample_df = train.iloc[idx.numpy()].reset_index(drop=True)
+            loaded = load_base(params)
+            loaded.model.to(ctx.device)
+            freeze_all_but(loaded.model, loaded.head_modules)
+            features = tokenize(sample_df, task_of(params), loaded.tokenizer, params.model.max_length)
+            sample = BatchSource(features, params.train.batch_size, seed=params.seed)
+            targets = find_targets(loaded.model, params.adapter.targets)
+            start = time.perf_counter()
+            rows = method.calibrate(loaded.model, targets, sample, ctx)
+            summary.update(sample_rows=len(sample_df), ratio=params.calibrate.ratio, modules=len(rows),
+                           seconds=time.perf_counter() - start)
+            print(f"calibrate: {len(rows)} modules measured on {len(sample_df)} examples "
+                  f"in {summary['seconds']:.1f}s")
+        else:
+            summary["note"] = f"{method.name} has a fixed structure: nothing to calibrate"
+            print(f"calibrate: {summary['note']}")
+        df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=COLUMNS)
+        write_parquet(Paths.measurements, df)
+        write_json(Paths.calibrate_summary, summary)
+        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        run.log_artifact(Paths.measurements)
+
+
+if __name__ == "__main__":
+    runtime.run_stage(main, "calibrate")

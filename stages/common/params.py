@@ -1,0 +1,214 @@
+"""The schema of params.yaml. Every stage validates the whole file before doing any work.
+
+Method-specific sections are top-level keys named after the method id (``lora_drop:``,
+``dora_dr:`` ...); each is validated by that method's own pydantic model, so a new method
+brings its section without editing this file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lora_ops.methods import AdapterConfig, available_methods, get_method
+from stages.common.glue import TASKS
+
+
+class ConfigError(ValueError):
+    """params.yaml is invalid; the message says what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelParams(_Strict):
+    name: str = Field("minilm", description="built-in name (minilm, smollm2-135m), local folder, or hub id")
+    max_length: int = Field(64, ge=8, le=4096, description="tokens per example (longer is truncated)")
+
+
+class TaskParams(_Strict):
+    name: str = "sst2"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; choose one of {', '.join(sorted(TASKS))}")
+        return v
+
+
+def _size(v: float | int | None, what: str) -> float | int | None:
+    if v is None:
+        return v
+    if isinstance(v, float) and not 0.0 < v <= 1.0:
+        raise ValueError(f"{what} as a ratio must lie in (0, 1], got {v}")
+    if isinstance(v, int) and v < 1:
+        raise ValueError(f"{what} as a count must be >= 1, got {v}")
+    return v
+
+
+class DataParams(_Strict):
+    mirror: str | None = Field("../shared/data", description="local GLUE mirror; null = Hugging Face hub only")
+    train_size: float | int | None = Field(None, description="ratio in (0,1] or count; null = all")
+    dev_size: float | int | None = None
+
+    @field_validator("train_size", "dev_size")
+    @classmethod
+    def _sizes(cls, v: Any, info: Any) -> Any:
+        return _size(v, info.field_name)
+
+
+class MethodParams(_Strict):
+    name: str = "lora_drop"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in available_methods():
+            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(available_methods())}")
+        return v
+
+
+class AdapterParams(AdapterConfig):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class CalibrateParams(_Strict):
+    ratio: float = Field(0.1, description="stratified calibration sample as a share of the training set")
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"ratio must lie in (0, 1], got {v}")
+        return v
+
+
+class TrainParams(_Strict):
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    head_lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0 = epoch ends")
+    select_metric: str = Field("main", description="'main' = the task's official metric, or 'loss'")
+
+
+class EvaluateParams(_Strict):
+    batch_size: int = Field(64, ge=1)
+    latency_batches: int = Field(5, ge=1, description="timed batches for the latency metric")
+
+
+class TrackingParams(_Strict):
+    experiment: str = "lora-sieve"
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    seed: int = 42
+    model: ModelParams = ModelParams()
+    task: TaskParams = TaskParams()
+    data: DataParams = DataParams()
+    method: MethodParams = MethodParams()
+    adapter: AdapterParams = AdapterParams()
+    calibrate: CalibrateParams = CalibrateParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _method_sections(self) -> Params:
+        for key in self.model_extra or {}:
+            if key not in available_methods():
+                raise ValueError(f"unknown section {key!r}; method sections are named after a method "
+                                 f"({', '.join(available_methods())})")
+        return self
+
+    def method_params(self, name: str | None = None) -> BaseModel:
+        """The validated section of ``name`` (default: the selected method)."""
+        name = name or self.method.name
+        raw = (self.model_extra or {}).get(name) or {}
+        return get_method(name).params_model(**raw)
+
+
+def _format(err: ValidationError, source: str, section: str = "") -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join([section] * bool(section) + [str(p) for p in e["loc"]]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params (plus dotted ``overrides``); raise :class:`ConfigError` with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run from the repository root")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        params = Params(**raw)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, str(path))) from None
+    for name in available_methods():  # validate every method section present, not only the selected one
+        if name in (params.model_extra or {}):
+            try:
+                params.method_params(name)
+            except ValidationError as exc:
+                raise ConfigError(_format(exc, str(path), name)) from None
+    _check_data_reachable(params, path.parent)
+    _check_model(params)
+    return params
+
+
+def _check_model(params: Params) -> None:
+    from stages.common.models import ModelUnavailable, resolve_model
+
+    try:
+        resolve_model(params.model.name, convert=False)
+    except ModelUnavailable as exc:
+        raise ConfigError(f"model.name: {exc}") from None
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def _check_data_reachable(params: Params, root: Path) -> None:
+    from stages.common.glue import get_task, mirror_has_task
+
+    mirror = mirror_path(params, root)
+    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    task = get_task(params.task.name)
+    if (mirror is None or not mirror_has_task(mirror, task)) and offline:
+        where = f"{mirror}" if mirror is not None else "(no mirror set)"
+        raise ConfigError(
+            f"data mirror {where} has no GLUE {task.name} and the hub is off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): "
+            "set data.mirror to a folder laid out like ../shared/data, or go online"
+        )
+
+
+def mirror_path(params: Params, root: Path | str = ".") -> Path | None:
+    if params.data.mirror is None:
+        return None
+    p = Path(params.data.mirror)
+    return p if p.is_absolute() else (Path(root) / p).resolve()

@@ -1,0 +1,186 @@
+"""Pieces several stages need: output paths, the method context, tokenised features,
+the adapted model rebuilt from a plan, and task evaluation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from lora_ops.methods import Method, MethodContext, get_method
+from lora_ops.metrics import compute_metrics
+from lora_ops.targets import Target, find_targets, freeze_all_but
+from lora_ops.training import TrainConfig
+from stages.common import runtime
+from stages.common.glue import GlueTask, get_task
+from stages.common.io import read_json
+from stages.common.models import LoadedModel, ModelRef, load_for_classification
+from stages.common.params import Params
+
+
+class Paths:
+    """Every stage output, in one place (dvc.yaml mirrors these)."""
+
+    root = Path("data")
+    prepare = root / "prepare"
+    train = prepare / "train.parquet"
+    dev = prepare / "dev.parquet"
+    model_ref = prepare / "model.json"
+    calibrate = root / "calibrate"
+    measurements = calibrate / "measurements.parquet"
+    calibrate_summary = calibrate / "summary.json"
+    score = root / "score"
+    importance = score / "importance.parquet"
+    decide = root / "decide"
+    plan = decide / "plan.json"
+    finetune = root / "finetune"
+    adapter = finetune / "adapter.safetensors"
+    finetune_summary = finetune / "summary.json"
+    history = finetune / "history.csv"
+    checkpoints = root / "checkpoints"
+    checkpoint = checkpoints / "finetune.pt"
+    merge = root / "merge"
+    merged_model = merge / "model"
+    compact = merge / "adapter"
+    peft = merge / "peft"
+    evaluate = root / "evaluate"
+    metrics = evaluate / "metrics.json"
+    plots = evaluate / "plots"
+
+
+def method_context(params: Params) -> tuple[Method, MethodContext]:
+    method = get_method(params.method.name)
+    t = params.train
+    ctx = MethodContext(
+        adapter=params.adapter,
+        params=params.method_params(),
+        train=TrainConfig(epochs=t.epochs, lr=t.lr, head_lr=t.head_lr, weight_decay=t.weight_decay,
+                          warmup_ratio=t.warmup_ratio, grad_clip=t.grad_clip, max_steps=t.max_steps,
+                          checkpoint_every=t.checkpoint_every),
+        seed=params.seed,
+        device=runtime.device(),
+        batch_size=t.batch_size,
+    )
+    return method, ctx
+
+
+def task_of(params: Params) -> GlueTask:
+    return get_task(params.task.name)
+
+
+def select_metric(params: Params) -> str:
+    return task_of(params).main_metric if params.train.select_metric == "main" else params.train.select_metric
+
+
+def tokenize(df: pd.DataFrame, task: GlueTask, tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+    texts = [df[f].tolist() for f in task.fields]
+    enc = tokenizer(*texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
+    features = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if "token_type_ids" in enc:
+        features["token_type_ids"] = enc["token_type_ids"]
+    dtype = torch.float32 if task.is_regression else torch.long
+    features["labels"] = torch.tensor(df["label"].to_numpy(), dtype=dtype)
+    return features
+
+
+def model_ref(params: Params) -> ModelRef:
+    info = read_json(Paths.model_ref)
+    if info["name"] != params.model.name:
+        raise ValueError(f"{Paths.model_ref} is for model {info['name']!r}, params say {params.model.name!r}: "
+                         "rerun the prepare stage")
+    return ModelRef(info["name"], info["path"], info["source"])
+
+
+def load_base(params: Params) -> LoadedModel:
+    return load_for_classification(model_ref(params), task_of(params).num_labels)
+
+
+@dataclass
+class Adapted:
+    loaded: LoadedModel
+    method: Method
+    ctx: MethodContext
+    targets: list[Target]
+    plan: dict[str, Any]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+
+def build_adapted(params: Params, plan: dict[str, Any] | None = None, seed_offset: int = 0) -> Adapted:
+    """Base model + the plan's adapters, backbone frozen, head trainable."""
+    method, ctx = method_context(params)
+    loaded = load_base(params)
+    targets = find_targets(loaded.model, params.adapter.targets)
+    if plan is None:
+        plan = read_json(Paths.plan)
+    if plan.get("method") != method.name:
+        raise ValueError(f"plan was made for {plan.get('method')!r}, params select {method.name!r}: rerun decide")
+    runtime.seed_everything(params.seed + seed_offset)  # adapter initialisation is reproducible
+    method.build(loaded.model, targets, plan, ctx)
+    freeze_all_but(loaded.model, loaded.head_modules)
+    loaded.model.to(ctx.device)
+    return Adapted(loaded, method, ctx, targets, plan)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, features: dict[str, torch.Tensor], batch_size: int, device: str) -> torch.Tensor:
+    from lora_ops.data import BatchSource
+
+    model.eval()
+    outs = []
+    for batch in BatchSource({k: v for k, v in features.items() if k != "labels"}, batch_size,
+                             shuffle=False).batches():
+        outs.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
+    return torch.cat(outs)
+
+
+def task_metrics(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    pred = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
+    return compute_metrics(list(task.metrics), pred, labels)
+
+
+def evaluate_features(model: nn.Module, features: dict[str, torch.Tensor], task: GlueTask, batch_size: int,
+                      device: str) -> dict[str, float]:
+    logits = predict(model, features, batch_size, device)
+    metrics = task_metrics(task, logits, features["labels"])
+    if task.is_regression:
+        metrics["loss"] = torch.nn.functional.mse_loss(logits.squeeze(-1), features["labels"]).item()
+    else:
+        metrics["loss"] = torch.nn.functional.cross_entropy(logits, features["labels"]).item()
+    return metrics
+
+
+@torch.no_grad()
+def latency_per_batch(model: nn.Module, features: dict[str, torch.Tensor], batch_size: int, batches: int,
+                      device: str) -> float:
+    """Median seconds per forward of one batch (after one warm-up batch)."""
+    from lora_ops.data import BatchSource
+
+    model.eval()
+    source = BatchSource({k: v for k, v in features.items() if k != "labels"}, batch_size, shuffle=False)
+    times = []
+    for i, batch in enumerate(source.batches()):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**batch)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+        if len(times) >= batches:
+            break
+    return float(torch.tensor(times).median()) if times else float("nan")
+
+
+def plain_lora_parameters(targets: list[Target], rank: int) -> int:
+    """What plain LoRA at the same rank would train on the same targets (the reference for ratios)."""
+    return sum(rank * (t.in_features + t.out_features) for t in targets)

@@ -1,0 +1,36 @@
+"""decide: the plan (which adapter each module gets) and its parameter counts."""
+
+from __future__ import annotations
+
+from stages.common import runtime
+from stages.common.io import read_parquet, write_json
+from stages.common.params import load_params
+from stages.common.pipeline import Paths, build_adapted, load_base, method_context, plain_lora_parameters
+from stages.common.tracking import StageRun
+
+
+def main() -> None:
+    params = load_params()
+    method, ctx = method_context(params)
+    with StageRun("decide", params.model_dump()) as run:
+        from lora_ops.targets import find_targets
+
+        scores = read_parquet(Paths.importance).to_dict("records")
+        targets = find_targets(load_base(params).model, params.adapter.targets)
+        plan = method.decide(scores, targets, ctx)
+        # count what the plan trains by building it once
+        adapted = build_adapted(params, plan)
+        counts = method.parameter_counts(adapted.model)
+        reference = plain_lora_parameters(targets, params.adapter.rank)
+        plan["parameters"] = {**counts, "plain_lora": reference,
+                              "trainable_ratio_to_lora": counts["trainable"] / reference}
+        plan["adapter"] = params.adapter.model_dump()
+        write_json(Paths.plan, plan)
+        run.log_metrics({f"params.{k}": v for k, v in plan["parameters"].items()}, parent=True)
+        run.log_artifact(Paths.plan)
+        print(f"decide: {method.name} trains {counts['trainable']:,} adapter parameters "
+              f"({plan['parameters']['trainable_ratio_to_lora']:.1%} of plain LoRA r={params.adapter.rank})")
+
+
+if __name__ == "__main__":
+    runtime.run_stage(main, "decide")

@@ -1,0 +1,147 @@
+"""evaluate: task metric of the merged model (loaded with stock transformers), unmerged-vs-merged
+output difference, adapter parameters (and ratio to plain LoRA), latency; metrics.json and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from safetensors.torch import load_file
+
+from lora_ops.training import load_trainable_state
+from stages.common import runtime
+from stages.common.io import atomic_path, read_json, read_parquet, write_json
+from stages.common.params import load_params
+from stages.common.pipeline import (
+    Paths,
+    build_adapted,
+    latency_per_batch,
+    predict,
+    task_metrics,
+    task_of,
+    tokenize,
+)
+from stages.common.tracking import StageRun
+
+DIFF_EXAMPLES = 256  # unmerged-vs-merged comparison sample (the full dev set adds time, not information)
+
+
+def plot_loss(history: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(history["step"], history["loss"], lw=0.8, alpha=0.4, label="loss")
+    window = max(1, len(history) // 30)
+    ax.plot(history["step"], history["loss"].rolling(window, min_periods=1).mean(), lw=1.8,
+            label=f"moving mean ({window} steps)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_importance(scores: pd.DataFrame, plan: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = sorted(scores["role"].unique())
+    layers = sorted(scores["layer"].unique())
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.9), 3.8))
+    width = 0.8 / max(1, len(roles))
+    modes = plan.get("modules", {})
+    for i, role in enumerate(roles):
+        sub = scores[scores["role"] == role].sort_values("layer")
+        bars = ax.bar([lay + i * width for lay in sub["layer"]], sub["importance"], width=width, label=role)
+        for bar, module in zip(bars, sub["module"]):
+            if modes.get(module, {}).get("mode") == "shared":
+                bar.set_hatch("//")
+                bar.set_alpha(0.45)
+    ax.set_xticks([lay + 0.4 - width / 2 for lay in layers], [str(lay) for lay in layers])
+    ax.set_xlabel("layer (hatched: shares the group's LoRA)")
+    ax.set_ylabel("share of group output energy")
+    ax.legend(ncol=len(roles), fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_placeholder(text: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    params = load_params()
+    plan = read_json(Paths.plan)
+    task = task_of(params)
+    device = runtime.device()
+    bs = params.evaluate.batch_size
+    with StageRun("evaluate", params.model_dump()) as run:
+        if not (Paths.merged_model / "config.json").is_file():
+            raise FileNotFoundError(f"{Paths.merged_model} is missing: run the merge stage")
+        merged = AutoModelForSequenceClassification.from_pretrained(str(Paths.merged_model)).to(device).eval()
+        adapted = build_adapted(params, plan)
+        load_trainable_state(adapted.model, load_file(str(Paths.adapter)))
+        dev = tokenize(read_parquet(Paths.dev), task, adapted.loaded.tokenizer, params.model.max_length)
+        logits = predict(merged, dev, bs, device)
+        metrics = task_metrics(task, logits, dev["labels"])
+        sample = {k: v[:DIFF_EXAMPLES] for k, v in dev.items()}
+        unmerged_logits = predict(adapted.model, sample, bs, device)
+        metrics["max_abs_diff_unmerged_vs_merged"] = (unmerged_logits - logits[:DIFF_EXAMPLES]).abs().max().item()
+        counts = plan["parameters"]
+        trained = read_json(Paths.finetune_summary)
+        metrics.update({
+            "trainable_params": counts["trainable"], "stored_params": counts["stored"],
+            "active_params": trained["parameters"].get("active", counts["active"]),
+            "plain_lora_params": counts["plain_lora"],
+            "trainable_ratio_to_lora": counts["trainable"] / counts["plain_lora"],
+            "train_seconds": trained["seconds"],
+            "latency_merged_ms": 1000 * latency_per_batch(merged, dev, bs, params.evaluate.latency_batches, device),
+            "latency_unmerged_ms": 1000 * latency_per_batch(adapted.model, dev, bs,
+                                                            params.evaluate.latency_batches, device),
+        })
+        metrics["main_metric"] = task.main_metric
+        metrics["score"] = metrics[task.main_metric]
+        write_json(Paths.metrics, metrics)
+        history = pd.read_csv(Paths.history)
+        Paths.plots.mkdir(parents=True, exist_ok=True)
+        plot_loss(history, Paths.plots / "training_loss.png")
+        scores = read_parquet(Paths.importance)
+        if len(scores):
+            plot_importance(scores, plan, Paths.plots / "importance.png")
+        else:
+            plot_placeholder(f"{params.method.name}: no per-module importance (fixed structure)",
+                             Paths.plots / "importance.png")
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, parent=True)
+        run.set_tags({"main_metric": task.main_metric}, parent=True)
+        run.log_artifact(Paths.metrics)
+        run.log_artifact(Paths.plots, "plots")
+        shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in task.metrics)
+        print(f"evaluate: {shown}; trainable {counts['trainable']:,} params "
+              f"({metrics['trainable_ratio_to_lora']:.1%} of LoRA); max |unmerged-merged| "
+              f"{metrics['max_abs_diff_unmerged_vs_merged']:.2e}")
+
+
+if __name__ == "__main__":
+    runtime.run_stage(main, "evaluate")

@@ -1,0 +1,105 @@
+"""finetune: train the planned adapters; resumable after a kill from the last checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import sys
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from lora_ops.data import BatchSource
+from lora_ops.training import train, trainable_state
+from stages.common import runtime
+from stages.common.io import atomic_path, read_json, read_parquet, write_json
+from stages.common.params import load_params
+from stages.common.pipeline import Paths, build_adapted, evaluate_features, select_metric, task_of, tokenize
+from stages.common.tracking import StageRun
+
+
+def fingerprint(params_dump: dict, plan: dict) -> str:
+    """Identity of a training run: a checkpoint is only resumed by the run that wrote it."""
+    relevant = {k: v for k, v in params_dump.items() if k not in ("evaluate", "tracking")}
+    blob = json.dumps({"params": relevant, "plan": plan}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def load_checkpoint(expected: str) -> dict | None:
+    if not Paths.checkpoint.is_file():
+        return None
+    try:
+        state = torch.load(Paths.checkpoint, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or foreign file: say so and start over rather than crash
+        print(f"finetune: checkpoint {Paths.checkpoint} is unreadable ({type(exc).__name__}); starting over",
+              file=sys.stderr)
+        return None
+    if state.get("fingerprint") != expected:
+        print("finetune: checkpoint belongs to other params or plan; starting over", file=sys.stderr)
+        return None
+    return state
+
+
+def main() -> None:
+    params = load_params()
+    plan = read_json(Paths.plan)
+    task = task_of(params)
+    dump = params.model_dump()
+    with StageRun("finetune", dump) as run:
+        adapted = build_adapted(params, plan)
+        model, ctx, device = adapted.model, adapted.ctx, adapted.ctx.device
+        tok = adapted.loaded.tokenizer
+        train_f = tokenize(read_parquet(Paths.train), task, tok, params.model.max_length)
+        dev_f = tokenize(read_parquet(Paths.dev), task, tok, params.model.max_length)
+        data = BatchSource(train_f, params.train.batch_size, seed=params.seed)
+        cfg = ctx.train
+        cfg.select_metric = select_metric(params)
+        controller = adapted.method.controller(model, plan, ctx)
+        fp = fingerprint(dump, plan)
+        resume = load_checkpoint(fp)
+        if resume is not None:
+            print(f"finetune: resuming from step {resume['step']} ({Paths.checkpoint})")
+
+        def save_checkpoint(state: dict) -> None:
+            state["fingerprint"] = fp
+            with atomic_path(Paths.checkpoint) as tmp:
+                torch.save(state, tmp)
+
+        runtime.seed_everything(params.seed)
+        result = train(model, data, cfg, controller=controller,
+                       evaluate=lambda m: evaluate_features(m, dev_f, task, params.evaluate.batch_size, device),
+                       on_checkpoint=save_checkpoint, resume=resume, device=device)
+        state = {k: v.contiguous() for k, v in trainable_state(model).items()}
+        with atomic_path(Paths.adapter) as tmp:
+            save_file(state, str(tmp), metadata={"method": adapted.method.name, "fingerprint": fp})
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        summary = {
+            "method": adapted.method.name, "steps": result.steps, "seconds": result.seconds,
+            "best": {k: v for k, v in result.best.items() if k not in ("trainable", "controller")},
+            "evals": result.evals, "controller": controller.summary(),
+            "parameters": adapted.method.parameter_counts(model), "peak_rss_mb": peak_rss_mb,
+            "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+            "resumed_from_step": resume["step"] if resume else None,
+        }
+        history = pd.DataFrame(result.history)
+        with atomic_path(Paths.history) as tmp:
+            history.to_csv(tmp, index=False)
+        write_json(Paths.finetune_summary, summary)
+        Paths.checkpoint.unlink(missing_ok=True)  # finished: the next run starts clean
+        run.log_history(result.history)
+        for e in result.evals:
+            run.log_metrics({f"dev_{k}": v for k, v in e.items() if k not in ("step", "epoch")}, step=e["step"])
+        run.log_metrics({"train_seconds": result.seconds, "peak_rss_mb": peak_rss_mb,
+                         f"best_dev_{cfg.select_metric}": result.best.get("value", float("nan"))}, parent=True)
+        run.log_artifact(Paths.finetune_summary)
+        print(f"finetune: {result.steps} steps in {result.seconds:.0f}s; best dev {cfg.select_metric} "
+              f"{result.best.get('value', float('nan')):.4f} at epoch {result.best.get('epoch')}")
+        if os.environ.get("LORA_SIEVE_DEBUG"):
+            print(json.dumps(summary["best"]))
+
+
+if __name__ == "__main__":
+    runtime.run_stage(main, "finetune")

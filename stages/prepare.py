@@ -1,0 +1,66 @@
+"""prepare: materialise the task data (subsampled, stratified) and the model reference."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from stages.common import runtime
+from stages.common.glue import load_split
+from stages.common.io import write_json, write_parquet
+from stages.common.models import resolve_model
+from stages.common.params import load_params, mirror_path
+from stages.common.pipeline import Paths, task_of
+from stages.common.tracking import StageRun
+
+
+def _subsample(df, size, seed):
+    from lora_ops.data import stratified_indices
+
+    if size is None:
+        return df
+    labels = torch.tensor(df["label"].to_numpy())
+    return df.iloc[stratified_indices(labels, size, seed).numpy()].reset_index(drop=True)
+
+
+def _fingerprint(path: str) -> str:
+    """Identity of a local model folder (config + weight file sizes) so DVC sees a changed model."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    h = hashlib.sha1()
+    for f in sorted(p.glob("*")):
+        if f.is_file() and f.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}:
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.name == "config.json":
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    params = load_params()
+    task = task_of(params)
+    ref = resolve_model(params.model.name)
+    with StageRun("prepare", params.model_dump()) as run:
+        mirror = mirror_path(params)
+        train = _subsample(load_split(task, "train", mirror), params.data.train_size, params.seed)
+        dev = _subsample(load_split(task, "dev", mirror), params.data.dev_size, params.seed + 1)
+        write_parquet(Paths.train, train)
+        write_parquet(Paths.dev, dev)
+        info = {"name": ref.name, "path": ref.path, "source": ref.source, "fingerprint": _fingerprint(ref.path),
+                "task": task.name, "num_labels": task.num_labels, "fields": list(task.fields),
+                "metrics": list(task.metrics), "main_metric": task.main_metric,
+                "train_rows": len(train), "dev_rows": len(dev)}
+        write_json(Paths.model_ref, info)
+        run.log_metrics({"train_rows": len(train), "dev_rows": len(dev)})
+        if not task.is_regression:
+            run.log_metrics({f"train_label_share_{k}": v for k, v in
+                             train["label"].value_counts(normalize=True).items()})
+        print(f"prepare: {task.name} train={len(train)} dev={len(dev)}; model {ref.name} ({ref.source})")
+
+
+if __name__ == "__main__":
+    runtime.run_stage(main, "prepare")

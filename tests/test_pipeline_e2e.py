@@ -1,0 +1,68 @@
+"""`dvc repro` end to end on the real MiniLM and a small SST-2 subset from ../shared/data."""
+
+import json
+import sqlite3
+
+import pytest
+import torch
+from helpers import run, scratch_repo, set_params
+
+pytestmark = pytest.mark.slow
+
+
+def _ran(proc) -> list[str]:
+    text = proc.stdout + proc.stderr
+    return [ln.split("'")[1] for ln in text.splitlines() if ln.startswith("Running stage")]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = scratch_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    first = run(["dvc", "repro"], repo)
+    assert _ran(first) == ["prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate"]
+    return repo
+
+
+def test_metrics_and_artifacts(repo):
+    metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["max_abs_diff_unmerged_vs_merged"] < 1e-4
+    assert 0 < metrics["trainable_ratio_to_lora"] <= 1.0
+    plan = json.loads((repo / "data/decide/plan.json").read_text())
+    assert plan["method"] == "lora_drop" and len(plan["groups"]) == 6
+    for png in ("training_loss.png", "importance.png"):
+        assert (repo / "data/evaluate/plots" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merged_folder_and_peft_export_load_without_lora_sieve(repo):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    merged = AutoModelForSequenceClassification.from_pretrained(repo / "data/merge/model").eval()
+    cfg = json.loads((repo / "data/merge/peft/adapter_config.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(cfg["base_model_name_or_path"], num_labels=2)
+    peft_model = PeftModel.from_pretrained(base, repo / "data/merge/peft").eval()
+    tok = AutoTokenizer.from_pretrained(repo / "data/merge/model")
+    enc = tok(["a gorgeous , witty film", "dull and lifeless"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**enc).logits, merged(**enc).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_second_repro_does_nothing_and_eval_param_reruns_only_evaluate(repo):
+    assert _ran(run(["dvc", "repro"], repo)) == []
+    set_params(repo, {"evaluate.latency_batches": 2})
+    assert _ran(run(["dvc", "repro"], repo)) == ["evaluate"]
+
+
+def test_mlflow_parent_run_with_a_child_per_stage(repo):
+    con = sqlite3.connect(repo / "mlflow.db")
+    parents = con.execute("select run_uuid from tags where key='pipeline' and value='true'").fetchall()
+    assert parents
+    first = parents[0][0]
+    children = con.execute("select r.run_uuid, r.status from runs r join tags t on r.run_uuid=t.run_uuid "
+                           "where t.key='mlflow.parentRunId' and t.value=?", (first,)).fetchall()
+    assert len(children) == 7 and all(s == "FINISHED" for _, s in children)
+    commit = con.execute("select value from tags where run_uuid=? and key='git_commit'", (children[0][0],)).fetchone()
+    assert commit and len(commit[0]) >= 40
+    hashes = con.execute("select count(*) from tags where key like 'dvc.stage_hash.%'").fetchone()[0]
+    assert hashes > 0
