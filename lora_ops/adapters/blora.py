@@ -164,6 +164,10 @@ class BLoRALinear(AdapterLayer):
         return {"base": base, "adapter": adapter, "total": base + adapter,
                 "baseline_base": base_ref, "baseline_adapter": adapter_ref, "baseline_total": base_ref + adapter_ref}
 
+    def no_decay_parameter_names(self) -> set[str]:
+        # weight decay would pull log-alpha towards 0 (P(on) = 0.83) and shrink ranges: gates and ranges are exempt
+        return {n for n, _ in self.adapter_parameters() if n.endswith("log_alpha") or n.endswith("x_max")}
+
     def num_active(self) -> int:
         return self.effective_rank() * (self.in_features + self.out_features + 1)
 

@@ -109,7 +109,12 @@ class BLoRAController(Controller):
     def regularizer(self, step: int) -> torch.Tensor:
         return self.params.lmbda * sum(layer.regularizer() for layer in self.layers.values())
 
+    def allows_best(self, step: int) -> bool:
+        # a fully collapsed adapter (zero update everywhere) must never be kept as the best state
+        return not all(layer.collapsed() for layer in self.layers.values())
+
     def on_train_end(self) -> None:
+        """Checks the state at hand (the loop calls this for the final and again for the best state)."""
         self.ended = True
         collapsed = [n for n, layer in self.layers.items() if layer.collapsed()]
         closed = [n for n, layer in self.layers.items() if layer.all_gates_closed()]
