@@ -153,6 +153,8 @@ class BayesianBitsQuantizer(nn.Module):
         self.register_buffer("signed", torch.zeros((), dtype=torch.bool))
         self.observing = False
         self.observed: tuple[float, float] | None = None
+        # host-side copy of `signed` once a range is set: avoids a device sync per forward on GPU
+        self._signed: bool | None = None
 
     # ------------------------------------------------------------------ range
     @torch.no_grad()
@@ -165,6 +167,17 @@ class BayesianBitsQuantizer(nn.Module):
         self.x_max.fill_(bound)
         self.signed.fill_(signed)
         self.initialized.fill_(True)
+        self._signed = signed
+
+    def _grid_signed(self) -> bool | None:
+        """Whether the grid is signed, or None while no range is set (read from the buffers once)."""
+        if self._signed is None and bool(self.initialized):
+            self._signed = bool(self.signed)
+        return self._signed
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._signed = None  # buffers may change: re-read them at the next forward
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _observe(self, x: torch.Tensor) -> None:
         lo, hi = float(x.detach().min()), float(x.detach().max())
@@ -198,10 +211,12 @@ class BayesianBitsQuantizer(nn.Module):
         if self.observing:
             self._observe(x)
             return x
-        if not bool(self.initialized):
+        signed = self._grid_signed()
+        if signed is None:
             self.set_range(float(x.detach().min()), float(x.detach().max()))
+            signed = bool(self._signed)
         gates = self.gates(training=self.training and not deterministic)
-        return residual_quantize(x, self.x_max.abs(), bool(self.signed), gates, self.bits)
+        return residual_quantize(x, self.x_max.abs(), signed, gates, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={list(self.bits)}"

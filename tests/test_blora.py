@@ -385,3 +385,41 @@ def test_adapter_collapse_errors_or_warns():
         BLoRAController(model, BLoRAParams(on_collapse="warn")).on_train_end()
     assert any("collapsed" in str(w.message) for w in caught)
     assert blora_layers(model) == {"0": model[0], "1": model[1]}
+
+
+def test_resume_reproduces_gates_ranges_and_controller(tiny_bert):
+    import copy
+
+    from lora_ops.training import TrainingInterrupted, trainable_state
+
+    def build(model):
+        method, ctx = _ctx(rank=2)
+        targets = find_targets(model, ["q"])
+        method.build(model, targets, method.decide([], targets, ctx), ctx)
+        freeze_all_but(model, ["classifier"])
+        return model, method.controller(model, {}, ctx)
+
+    def data():
+        return BatchSource(random_batch(n=8, seed=5), batch_size=4, seed=1)
+
+    cfg = TrainConfig(epochs=2, lr=5e-2, checkpoint_every=1, progress=False)
+    torch.manual_seed(7)
+    model_a, ctl_a = build(copy.deepcopy(tiny_bert))
+    train(model_a, data(), cfg, controller=ctl_a)
+    saved = {}
+
+    def kill(state):
+        saved["state"] = state
+        if state["step"] >= 2:
+            raise TrainingInterrupted("simulated kill")
+
+    torch.manual_seed(7)
+    model_b, ctl_b = build(copy.deepcopy(tiny_bert))
+    with pytest.raises(TrainingInterrupted):
+        train(model_b, data(), cfg, controller=ctl_b, on_checkpoint=kill)
+    model_c, ctl_c = build(copy.deepcopy(tiny_bert))  # fresh: ranges unset until the checkpoint loads
+    train(model_c, data(), cfg, controller=ctl_c, resume=saved["state"])
+    sa, sc = trainable_state(model_a), trainable_state(model_c)
+    assert any("initialized" in k for k in sa)
+    for k in sa:
+        torch.testing.assert_close(sc[k], sa[k], rtol=0, atol=0)
