@@ -92,7 +92,9 @@ class BLoRALinear(AdapterLayer):
         q = self.quantizers
         # the official code quantises weight and bias with the same quantizer; its range comes from W
         w = q["W"](self.base.weight)
-        b = q["W"](self.base.bias) if self.base.bias is not None else None
+        b = self.base.bias
+        if b is not None and not q["W"].observing:  # calibration records W's range only, as first-tensor mode does
+            b = q["W"](b)
         return q["h"](F.linear(x, w, b))
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
