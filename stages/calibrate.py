@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import time
 
-import pandas as pd
 import torch
 
 from lora_ops.data import BatchSource, stratified_indices
 from lora_ops.targets import find_targets, freeze_all_but
 from stages.common import runtime
-from stages.common.io import read_parquet, write_json, write_parquet
+from stages.common.io import read_parquet, write_json, write_records
 from stages.common.params import load_params
 from stages.common.pipeline import Paths, load_base, method_context, task_of, tokenize
 from stages.common.tracking import StageRun
@@ -45,8 +44,7 @@ def main() -> None:
         else:
             summary["note"] = f"{method.name} has a fixed structure: nothing to calibrate"
             print(f"calibrate: {summary['note']}")
-        df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=COLUMNS)
-        write_parquet(Paths.measurements, df)
+        write_records(Paths.measurements, rows, COLUMNS)
         write_json(Paths.calibrate_summary, summary)
         run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         run.log_artifact(Paths.measurements)

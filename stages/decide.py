@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stages.common import runtime
-from stages.common.io import read_parquet, write_json
+from stages.common.io import read_records, write_json
 from stages.common.params import load_params
 from stages.common.pipeline import Paths, build_adapted, load_base, method_context, plain_lora_parameters
 from stages.common.tracking import StageRun
@@ -15,7 +15,7 @@ def main() -> None:
     with StageRun("decide", params.model_dump()) as run:
         from lora_ops.targets import find_targets
 
-        scores = read_parquet(Paths.importance).to_dict("records")
+        scores = read_records(Paths.importance)
         targets = find_targets(load_base(params).model, params.adapter.targets)
         plan = method.decide(scores, targets, ctx)
         # count what the plan trains by building it once

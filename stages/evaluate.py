@@ -89,6 +89,46 @@ def plot_placeholder(text: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_structure(rows: list[dict], method: str, path: Path) -> None:
+    """Learned rank per module as a layer x module-type grid (rank allocators); placeholder otherwise."""
+    if not rows:
+        plot_placeholder(f"{method}: no learned per-module structure", path)
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lora_ops.targets import ROLES
+
+    def split(name: str) -> tuple[int, str]:
+        parts = name.split(".")
+        layer = next((int(p) for p in parts if p.isdigit()), -1)
+        return layer, ".".join(parts[-2:]) if parts[-1] == "dense" else parts[-1]
+
+    cells = {split(r["module"]): r for r in rows}
+    layers = sorted({k[0] for k in cells})
+    kinds = sorted({k[1] for k in cells}, key=lambda k: next((i for i, r in enumerate(ROLES) if r in k), 99))
+    grid = [[cells.get((lay, kind), {}).get("rank", float("nan")) for lay in layers] for kind in kinds]
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(layers) + 2), 0.45 * len(kinds) + 1.5))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(layers)), [str(lay) for lay in layers])
+    ax.set_yticks(range(len(kinds)), kinds)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:
+                bits = cells.get((layers[j], kinds[i]), {}).get("bits_B")
+                ax.text(j, i, f"{value:g}" + (f"\n{bits}b" if bits else ""), ha="center", va="center",
+                        color="w", fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_title(f"{method}: learned rank per module")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -121,6 +161,8 @@ def main() -> None:
             "latency_unmerged_ms": 1000 * latency_per_batch(adapted.model, dev, bs,
                                                             params.evaluate.latency_batches, device),
         })
+        sample_batches = [{k: v[i:i + bs] for k, v in sample.items()} for i in range(0, DIFF_EXAMPLES, bs)]
+        metrics.update(adapted.method.evaluation_extras(adapted.model, plan, adapted.ctx, sample_batches))
         metrics["main_metric"] = task.main_metric
         metrics["score"] = metrics[task.main_metric]
         write_json(Paths.metrics, metrics)
@@ -128,11 +170,13 @@ def main() -> None:
         Paths.plots.mkdir(parents=True, exist_ok=True)
         plot_loss(history, Paths.plots / "training_loss.png")
         scores = read_parquet(Paths.importance)
-        if len(scores):
+        if len(scores) and "importance" in scores.columns:
             plot_importance(scores, plan, Paths.plots / "importance.png")
         else:
             plot_placeholder(f"{params.method.name}: no per-module importance (fixed structure)",
                              Paths.plots / "importance.png")
+        structure = [r for r in trained.get("controller", {}).get("modules", []) if "rank" in r]
+        plot_structure(structure, params.method.name, Paths.plots / "structure.png")
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, parent=True)
         run.set_tags({"main_metric": task.main_metric}, parent=True)
         run.log_artifact(Paths.metrics)

@@ -56,7 +56,15 @@ def main() -> None:
                 save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
                 (tmp / "lora_sieve.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-        # 3. merged plain Hugging Face folder
+        # 3. method-specific deployable forms (e.g. blora's integer factors + scales)
+        for name, (tensors, extra_meta) in method.extra_exports(model, plan, ctx).items():
+            with atomic_path(Paths.merge / name) as tmp:
+                tmp.mkdir()
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
+                (tmp / "meta.json").write_text(json.dumps(extra_meta, indent=2, sort_keys=True, default=float))
+            print(f"merge: {method.name} {name} form -> {Paths.merge / name}")
+
+        # 4. merged plain Hugging Face folder
         merged = method.merged_model(model, plan, ctx).cpu()
         with atomic_path(Paths.merged_model) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)

@@ -122,6 +122,16 @@ class Method:
 
         return unload(model, merge=True)
 
+    def extra_exports(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext
+                      ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """Method-specific deployable forms written by the merge stage: name -> (tensors, JSON metadata)."""
+        return {}
+
+    def evaluation_extras(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext,
+                          batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Method-specific metrics measured on the trained, unmerged model (e.g. BOPs, export gaps)."""
+        return {}
+
     def export_peft(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> PeftExport:
         from lora_ops.export import export_lora_family
 

@@ -228,6 +228,19 @@ class BLoRA(Method):
         counts["stored"] = counts["active"]  # r_eff (in + out + 1) per module; scales and ranges not counted
         return counts
 
+    def extra_exports(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext
+                      ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        return {"quantized": self.export_quantized(model)}
+
+    def evaluation_extras(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext,
+                          batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        p: BLoRAParams = ctx.params  # type: ignore[assignment]
+        gap = self.float_export_gap(model, batches, ctx.device)
+        bops = bops_report(model, p.activation_bits_assumed, p.weight_bits_assumed, p.baseline_bits)
+        out = {f"float_export_{k}": float(v) for k, v in gap.items() if isinstance(v, (int, float))}
+        out.update({f"bops_{k}": float(v) for k, v in bops.items() if isinstance(v, (int, float))})
+        return out
+
     # ----------------------------------------------------- blora-only verbs
     def export_quantized(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Deployable integer form: see :func:`lora_ops.adapters.blora.export_quantized`."""

@@ -61,3 +61,34 @@ def read_parquet(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the stage that produces it (dvc repro)")
     return pd.read_parquet(path)
+
+
+JSON_SUFFIX = "__json"
+
+
+def write_records(path: str | Path, rows: list[dict[str, Any]], empty_columns: list[str] | None = None) -> None:
+    """Rows as Parquet; nested values (dicts, lists) become JSON text in ``<key>__json`` columns."""
+    encoded = []
+    for row in rows:
+        out = {}
+        for k, v in row.items():
+            if isinstance(v, (dict, list, tuple)):
+                out[k + JSON_SUFFIX] = json.dumps(v, sort_keys=True, default=float)
+            else:
+                out[k] = v
+        encoded.append(out)
+    df = pd.DataFrame(encoded) if encoded else pd.DataFrame(columns=empty_columns or [])
+    write_parquet(path, df)
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    for row in read_parquet(path).to_dict("records"):
+        decoded = {}
+        for k, v in row.items():
+            if k.endswith(JSON_SUFFIX):
+                decoded[k.removesuffix(JSON_SUFFIX)] = json.loads(v) if isinstance(v, str) else v
+            else:
+                decoded[k] = v.item() if hasattr(v, "item") else v
+        rows.append(decoded)
+    return rows
