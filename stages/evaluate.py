@@ -161,7 +161,8 @@ def main() -> None:
             "latency_unmerged_ms": 1000 * latency_per_batch(adapted.model, dev, bs,
                                                             params.evaluate.latency_batches, device),
         })
-        sample_batches = [{k: v[i:i + bs] for k, v in sample.items()} for i in range(0, DIFF_EXAMPLES, bs)]
+        n_sample = len(sample["labels"])
+        sample_batches = [{k: v[i:i + bs] for k, v in sample.items()} for i in range(0, n_sample, bs)]
         metrics.update(adapted.method.evaluation_extras(adapted.model, plan, adapted.ctx, sample_batches))
         metrics["main_metric"] = task.main_metric
         metrics["score"] = metrics[task.main_metric]
