@@ -176,7 +176,9 @@ def main() -> None:
         else:
             plot_placeholder(f"{params.method.name}: no per-module importance (fixed structure)",
                              Paths.plots / "importance.png")
-        structure = [r for r in trained.get("controller", {}).get("modules", []) if "rank" in r]
+        summary = trained.get("controller", {})
+        structure = [r for r in summary.get("modules", []) if "rank" in r] or \
+            [{"module": m, "rank": r} for m, r in summary.get("ranks", {}).items()]
         plot_structure(structure, params.method.name, Paths.plots / "structure.png")
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, parent=True)
         run.set_tags({"main_metric": task.main_metric}, parent=True)

@@ -165,20 +165,23 @@ def latency_per_batch(model: nn.Module, features: dict[str, torch.Tensor], batch
 
     model.eval()
     source = BatchSource({k: v for k, v in features.items() if k != "labels"}, batch_size, shuffle=False)
-    times = []
-    for i, batch in enumerate(source.batches()):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(**batch)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i > 0:
-            times.append(time.perf_counter() - start)
-        if len(times) >= batches:
-            break
-    return float(torch.tensor(times).median()) if times else float("nan")
+    times: list[float] = []
+    first = True
+    while len(times) < batches:  # cycle over the data when it has fewer batches than requested
+        for batch in source.batches():
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(**batch)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if not first:
+                times.append(time.perf_counter() - start)
+            first = False
+            if len(times) >= batches:
+                break
+    return float(torch.tensor(times).median())
 
 
 def plain_lora_parameters(targets: list[Target], rank: int) -> int:
