@@ -58,3 +58,20 @@ def mean_scalar(value: float) -> float:
         return value
     t = torch.tensor([value], dtype=torch.float64)
     return all_reduce_mean(t).item()
+
+
+def sum_scalar(value: float) -> float:
+    if not (is_initialized() and world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t.item()
+
+
+def barrier() -> None:
+    if is_initialized() and world_size() > 1:
+        tdist.barrier()
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"

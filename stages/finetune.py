@@ -6,19 +6,21 @@ import hashlib
 import json
 import os
 import resource
+import subprocess
 import sys
 
 import pandas as pd
 import torch
 from safetensors.torch import save_file
 
+from lora_ops import distributed as dist
 from lora_ops.data import BatchSource
 from lora_ops.training import train, trainable_state
 from stages.common import runtime
 from stages.common.io import atomic_path, read_json, read_parquet, write_json
 from stages.common.params import load_params
 from stages.common.pipeline import Paths, build_adapted, evaluate_features, select_metric, task_of, tokenize
-from stages.common.tracking import StageRun
+from stages.common.tracking import stage_run
 
 
 def fingerprint(params_dump: dict, plan: dict) -> str:
@@ -43,18 +45,58 @@ def load_checkpoint(expected: str) -> dict | None:
     return state
 
 
+def launch_torchrun(processes: int) -> int:
+    """Re-run this stage under torchrun with ``processes`` local workers (one node)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "stages.finetune"]
+    print(f"finetune: data-parallel over {processes} processes: {' '.join(cmd[2:])}")
+    return subprocess.call(cmd)
+
+
+def init_distributed(backend: str) -> None:
+    """Join the process group torchrun prepared (env:// rendezvous)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group(dist.default_backend() if backend == "auto" else backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        os.environ["LORA_SIEVE_DEVICE"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
 def main() -> None:
     params = load_params()
+    under_torchrun = "LOCAL_RANK" in os.environ
+    if params.distributed.processes > 1 and not under_torchrun:
+        code = launch_torchrun(params.distributed.processes)
+        if code:
+            raise SystemExit(code)
+        return
+    if under_torchrun:
+        init_distributed(params.distributed.backend)
+    try:
+        _finetune(params)
+    finally:
+        if under_torchrun:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+def _finetune(params) -> None:
     plan = read_json(Paths.plan)
     task = task_of(params)
     dump = params.model_dump()
-    with StageRun("finetune", dump) as run:
+    with stage_run("finetune", dump) as run:
         adapted = build_adapted(params, plan)
         model, ctx, device = adapted.model, adapted.ctx, adapted.ctx.device
         tok = adapted.loaded.tokenizer
         train_f = tokenize(read_parquet(Paths.train), task, tok, params.model.max_length)
         dev_f = tokenize(read_parquet(Paths.dev), task, tok, params.model.max_length)
-        data = BatchSource(train_f, params.train.batch_size, seed=params.seed)
+        # every rank takes its slice of the same global batch (params.train.batch_size)
+        data = BatchSource(train_f, params.train.batch_size, seed=params.seed, rank=dist.rank(),
+                           world_size=dist.world_size())
         cfg = ctx.train
         cfg.select_metric = select_metric(params)
         controller = adapted.method.controller(model, plan, ctx)
@@ -65,14 +107,18 @@ def main() -> None:
             print(f"finetune: resuming from step {resume['step']} ({Paths.checkpoint})")
 
         def save_checkpoint(state: dict) -> None:
+            if not dist.is_main():  # ranks hold identical adapters: one writer
+                return
             state["fingerprint"] = fp
             with atomic_path(Paths.checkpoint) as tmp:
                 torch.save(state, tmp)
 
-        runtime.seed_everything(params.seed)
+        runtime.seed_everything(params.seed + dist.rank())  # independent dropout masks per rank
         result = train(model, data, cfg, controller=controller,
                        evaluate=lambda m: evaluate_features(m, dev_f, task, params.evaluate.batch_size, device),
                        on_checkpoint=save_checkpoint, resume=resume, device=device)
+        if not dist.is_main():
+            return
         state = {k: v.contiguous() for k, v in trainable_state(model).items()}
         with atomic_path(Paths.adapter) as tmp:
             save_file(state, str(tmp), metadata={"method": adapted.method.name, "fingerprint": fp})
@@ -83,7 +129,7 @@ def main() -> None:
             "evals": result.evals, "controller": controller.summary(),
             "parameters": adapted.method.parameter_counts(model), "peak_rss_mb": peak_rss_mb,
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-            "resumed_from_step": resume["step"] if resume else None,
+            "resumed_from_step": resume["step"] if resume else None, "processes": dist.world_size(),
         }
         history = pd.DataFrame(result.history)
         with atomic_path(Paths.history) as tmp:

@@ -170,6 +170,11 @@ def train(
         for batch in data.batches(epoch, start=batch_in_epoch):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = loss_fn(model, batch)
+            if dist.world_size() > 1:
+                # ranks may hold unequal shares of the global batch (the last batch of an epoch):
+                # weight each rank's mean loss so the averaged gradient is the global-batch mean
+                local = next(iter(batch.values())).shape[0]
+                loss = loss * (local * dist.world_size() / dist.sum_scalar(local))
             reg = controller.regularizer(step)
             total_loss = loss if reg is None else loss + reg
             if not torch.isfinite(total_loss):

@@ -109,6 +109,18 @@ class EvaluateParams(_Strict):
     latency_batches: int = Field(5, ge=1, description="timed batches for the latency metric")
 
 
+class DistributedParams(_Strict):
+    processes: int = Field(1, ge=1, description="data-parallel processes for finetune (torchrun when > 1)")
+    backend: str = Field("auto", description="auto (nccl on GPU, gloo on CPU) | gloo | nccl")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"backend must be auto, gloo or nccl, got {v!r}")
+        return v
+
+
 class TrackingParams(_Strict):
     experiment: str = "lora-sieve"
 
@@ -124,6 +136,7 @@ class Params(BaseModel):
     calibrate: CalibrateParams = CalibrateParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    distributed: DistributedParams = DistributedParams()
     tracking: TrackingParams = TrackingParams()
 
     @model_validator(mode="after")

@@ -180,3 +180,22 @@ class StageRun:
         if self.stage == FINAL_STAGE and not os.environ.get("LORA_SIEVE_PARENT_RUN_ID"):
             self.client.set_terminated(self.parent_id, "FINISHED")
             self.state_file.unlink(missing_ok=True)
+
+
+class NullRun:
+    """Stand-in for :class:`StageRun` on data-parallel ranks other than 0 (only rank 0 logs)."""
+
+    def __enter__(self) -> NullRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __getattr__(self, name: str):  # every logging call is a no-op
+        return lambda *args, **kwargs: None
+
+
+def stage_run(stage: str, params: dict[str, Any], root: Path | str = ".") -> StageRun | NullRun:
+    from lora_ops import distributed
+
+    return StageRun(stage, params, root) if distributed.is_main() else NullRun()

@@ -1,0 +1,141 @@
+"""Data-parallel fine-tuning on torch.distributed (gloo, 2 processes on this CPU).
+
+For every method: 2 processes with the same global batch give the same final adapter as 1
+process (to float tolerance), every rank ends with identical adapters and structure (masks,
+ranks, gates), and a run killed mid-way resumes with a different process count.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lora_ops import available_methods
+from lora_ops.methods import AdapterConfig, MethodContext, get_method
+from lora_ops.targets import find_targets, freeze_all_but
+
+METHODS = [m for m in available_methods() if m != "loraprune"] + (
+    ["loraprune"] if "loraprune" in available_methods() else [])
+STEPS_PER_EPOCH = 5  # 40 examples, global batch 8
+
+
+def _model_and_data(method_name: str):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lora_ops.data import BatchSource  # noqa: F401 (imported in workers)
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(cfg)
+    method = get_method(method_name)
+    params = method.params_model()
+    overrides = {"dora_dr": {"prune_interval": 2}, "adalora": {"delta_t": 2},
+                 "loraprune": {"ratio": 0.5, "prune_every": 2}}.get(method_name, {})
+    if overrides:
+        params = method.params_model(**{**params.model_dump(), **overrides})
+    ctx = MethodContext(adapter=AdapterConfig(rank=4, alpha=8, dropout=0.0), params=params, seed=0)
+    ctx.train.progress = False
+    targets = find_targets(model, "all")
+    scores = [{"module": t.name, "group": t.group, "role": t.role, "layer": t.layer, "energy": 1.0 + t.layer,
+               "importance": (1.0 + t.layer) / 6.0} for t in targets] if method_name == "lora_drop" else []
+    plan = method.decide(scores, targets, ctx)
+    torch.manual_seed(1)
+    method.build(model, targets, plan, ctx)
+    freeze_all_but(model, ["classifier"])
+    gen = torch.Generator().manual_seed(5)
+    feats = {"input_ids": torch.randint(1, 120, (40, 12), generator=gen),
+             "attention_mask": torch.ones(40, 12, dtype=torch.long),
+             "labels": torch.randint(0, 2, (40,), generator=gen)}
+    return model, method, plan, ctx, feats
+
+
+def _run(rank: int, world: int, method_name: str, init_file: str, out: str, epochs: int,
+         resume: str | None = None, kill_after: int | None = None) -> None:
+    import torch.distributed as tdist
+
+    from lora_ops.data import BatchSource
+    from lora_ops.training import TrainConfig, TrainingInterrupted, train, trainable_state
+
+    torch.set_num_threads(1)
+    if world > 1:
+        tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, method, plan, ctx, feats = _model_and_data(method_name)
+        data = BatchSource(feats, 8, seed=3, rank=rank, world_size=world)
+        controller = method.controller(model, plan, ctx)
+        cfg = TrainConfig(epochs=epochs, lr=5e-3, warmup_ratio=0.0, checkpoint_every=2, progress=False)
+
+        def checkpoint(state: dict) -> None:
+            if rank == 0:
+                torch.save(state, out + ".ckpt")
+            if kill_after is not None and state["step"] >= kill_after:
+                raise TrainingInterrupted("simulated kill")
+
+        state = torch.load(resume, weights_only=False) if resume else None
+        try:
+            train(model, data, cfg, controller=controller, on_checkpoint=checkpoint, resume=state)
+        except TrainingInterrupted:
+            return
+        torch.save({"state": trainable_state(model), "summary": controller.summary()}, f"{out}.rank{rank}")
+    finally:
+        if world > 1:
+            tdist.destroy_process_group()
+
+
+def _spawn(world: int, method: str, out: str, epochs: int = 2, **kw) -> None:
+    init = tempfile.mktemp(prefix="dist-init-")
+    if world == 1:
+        _run(0, 1, method, init, out, epochs, **kw)
+    else:
+        mp.spawn(_run, args=(world, method, init, out, epochs, kw.get("resume"), kw.get("kill_after")),
+                 nprocs=world, join=True)
+
+
+def _assert_same(a: dict, b: dict, atol: float = 2e-4) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_equal_one_process(method, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _spawn(1, method, one)
+    _spawn(2, method, two)
+    r1 = torch.load(one + ".rank0", weights_only=False)
+    r2 = [torch.load(f"{two}.rank{r}", weights_only=False) for r in range(2)]
+    # identical on every rank: adapters bit for bit, structure (masks, ranks, gates) equal
+    for k in r2[0]["state"]:
+        assert torch.equal(r2[0]["state"][k], r2[1]["state"][k]), k
+    assert r2[0]["summary"] == r2[1]["summary"]
+    _assert_same(r2[0]["state"], r1["state"])
+
+
+def test_killed_two_process_run_resumes_with_one_process(tmp_path):
+    method = "dora_dr" if "dora_dr" in available_methods() else "lora"
+    ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+    _spawn(1, method, ref)
+    _spawn(2, method, killed, kill_after=6)
+    assert Path(killed + ".ckpt").is_file() and not Path(killed + ".rank0").exists()
+    _spawn(1, method, killed, resume=killed + ".ckpt")
+    _assert_same(torch.load(killed + ".rank0", weights_only=False)["state"],
+                 torch.load(ref + ".rank0", weights_only=False)["state"])
+
+
+def test_finetune_stage_launches_torchrun_when_asked(monkeypatch):
+    import stages.finetune as ft
+
+    calls = []
+    monkeypatch.setattr(ft.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert ft.launch_torchrun(2) == 0
+    assert calls and calls[0][1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert "--nproc_per_node=2" in calls[0] and calls[0][-2:] == ["-m", "stages.finetune"]
+    assert os.environ.get("LOCAL_RANK") is None
