@@ -7,9 +7,10 @@ LoRA (same trainable parameter count). The classifier head is trainable in every
 What is measured:
 
 * **step time**: ``zero_grad + forward + backward + AdamW.step`` in train mode. Variants run
-  round-robin (one step each per round) so that load from other processes is spread evenly over
-  them; ratios come from the same run. Ratios use the fastest step of each variant (the best
-  estimate of the uncontended cost on a shared machine); the median is printed beside it.
+  round-robin (one step each per round, order shuffled per round) so that load from other
+  processes is spread evenly over them. Ratios are *paired*: the median over rounds of
+  ``t_variant / t_reference`` within the same round, which cancels slow drifts of machine load;
+  the fastest and the median step of each variant are printed beside them.
   ``--threads 1`` avoids OpenMP barrier stalls, which dominate on an oversubscribed machine.
 * **peak step memory**: the CPU allocator's peak of live tensor bytes during one step, above what
   was live when the step began (activations, temporaries, gradients), from ``torch.profiler``
@@ -27,6 +28,7 @@ import argparse
 import copy
 import importlib.util
 import os
+import random
 import statistics
 import time
 import warnings
@@ -156,29 +158,33 @@ def main() -> None:
             r.step()
     peaks = {name: r.peak_step_bytes() for name, r in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
+    shuffle = random.Random(0)
     for _ in range(args.rounds):
-        for name, r in runners.items():
+        shuffle.shuffle(order)
+        for name in order:
             t0 = time.perf_counter()
-            r.step()
+            runners[name].step()
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     best = {name: min(ts) for name, ts in times.items()}
-    fl, ol, pl = "floor (frozen fwd+bwd)", "ours lora r=8", "peft lora r=8"
 
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    fl, ol, pl = "floor (frozen fwd+bwd)", "ours lora r=8", "peft lora r=8"
     print(f"MiniLM-L6, batch {args.batch} x {args.seq}, q k v o up down; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.rounds} round-robin steps per variant after {args.warmup} "
-          "warm-up; ratios from the fastest step")
+          f"{torch.get_num_threads()} threads; {args.rounds} shuffled round-robin steps per variant after "
+          f"{args.warmup} warm-up; ratios = median of same-round ratios")
     print(f"{'variant':<24}{'adapter params':>15}{'best ms':>9}{'median ms':>10}{'x floor':>9}{'x our lora':>11}"
           f"{'x peft lora':>12}{'peak MiB':>10}")
     for name, r in runners.items():
         print(f"{name:<24}{r.adapter_params():>15,}{best[name] * 1e3:>9.1f}{med[name] * 1e3:>10.1f}"
-              f"{best[name] / best[fl]:>9.2f}{best[name] / best[ol]:>11.2f}{best[name] / best[pl]:>12.2f}"
-              f"{peaks[name] / 2**20:>10.1f}")
+              f"{ratio(name, fl):>9.2f}{ratio(name, ol):>11.2f}{ratio(name, pl):>12.2f}{peaks[name] / 2**20:>10.1f}")
     print("targets: ours bone <= 0.95x peft miss bone and <= ours lora; ours bat <= 1.0x peft miss bat, lower peak")
-    for label, stat in (("best", best), ("median", med)):
-        print(f"[{label}] ours bone / peft miss bone: {stat['ours bone b=16'] / stat['peft miss bone b=16']:.3f}   "
-              f"ours bone / ours lora: {stat['ours bone b=16'] / stat[ol]:.3f}   "
-              f"ours bat / peft miss bat: {stat['ours bat b=16'] / stat['peft miss bat b=16']:.3f}")
+    print(f"ours bone / peft miss bone: {ratio('ours bone b=16', 'peft miss bone b=16'):.3f}   "
+          f"ours bone / ours lora: {ratio('ours bone b=16', ol):.3f}   "
+          f"ours bat / peft miss bat: {ratio('ours bat b=16', 'peft miss bat b=16'):.3f}")
     print(f"peak step memory, ours bat / peft miss bat: {peaks['ours bat b=16'] / peaks['peft miss bat b=16']:.3f}; "
           f"ours bone / peft miss bone: {peaks['ours bone b=16'] / peaks['peft miss bone b=16']:.3f}")
 

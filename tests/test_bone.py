@@ -296,3 +296,9 @@ def test_unload_merge_matches_adapted_outputs(tiny_llama, method):
     assert not adapter_layers(tiny_llama)
     assert all(type(m) is not BoneLinear and type(m) is not BatLinear for m in tiny_llama.modules())
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_bone_plan_rejects_block_wider_than_input(tiny_bert):
+    m, ctx = _ctx("bone", block_size=33)  # tiny BERT's attention inputs are 32 wide
+    with pytest.raises(ValueError, match="exceeds the input width"):
+        m.decide([], find_targets(tiny_bert, "all"), ctx)

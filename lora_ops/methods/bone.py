@@ -88,6 +88,13 @@ class Bone(_BlockMethod):
     params_model = BoneParams
     peft_init_weights = True
 
+    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
+        b = ctx.params.block_size  # type: ignore[attr-defined]
+        narrow = [f"{t.name} (in={t.in_features})" for t in targets if t.in_features < b]
+        if narrow:  # PEFT refuses r > in_features too; fail before training, not at build
+            raise ValueError(f"Bone block size {b} exceeds the input width of {', '.join(narrow[:3])}")
+        return super().decide(scores, targets, ctx)
+
     def _make(self, linear: nn.Linear, ctx: MethodContext) -> AdapterLayer:
         p: BoneParams = ctx.params  # type: ignore[assignment]
         return BoneLinear(linear, p.block_size, p.dropout)
