@@ -1,6 +1,13 @@
 """Methods register themselves on import; importing this package makes all of them available."""
 
-from lora_ops.methods import adalora, blora, dora_dr, lora, lora_drop  # noqa: F401  (registration side effects)
+from lora_ops.methods import (  # noqa: F401  (registration side effects)
+    adalora,
+    blora,
+    bone,
+    dora_dr,
+    lora,
+    lora_drop,
+)
 from lora_ops.methods.base import (
     AdapterConfig,
     Method,
