@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -19,14 +20,29 @@ def test_fused_forward_matches_composed_reference():
     torch.testing.assert_close(layer(x), ref)
 
 
-def test_fused_gradients_match_autograd_in_double():
+@pytest.mark.parametrize("plan", ["merged", "branched", "auto"])
+def test_fused_gradients_match_autograd_in_double(plan):
     torch.manual_seed(1)
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 6, dtype=torch.float64)
     b = torch.randn(5, dtype=torch.float64)
     a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     bb = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, a, bb: lora_linear(x, w, b, a, bb, 1.7), (x, a, bb))
+    assert torch.autograd.gradcheck(lambda x, a, bb: lora_linear(x, w, b, a, bb, 1.7, plan=plan), (x, a, bb))
+
+
+def test_merged_and_branched_plans_agree_in_float32():
+    layer = _layer()
+    x = torch.randn(64, 24, requires_grad=True)
+    outs = []
+    for plan in ("merged", "branched"):
+        y = lora_linear(x, layer.base.weight, layer.base.bias, layer.lora.A, layer.lora.B, layer.scale, plan=plan)
+        grads = torch.autograd.grad(y.pow(2).sum(), (x, layer.lora.A, layer.lora.B))
+        outs.append((y, *grads))
+    for m, b in zip(*outs):
+        torch.testing.assert_close(m, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="dropout"):
+        lora_linear(x, layer.base.weight, None, layer.lora.A, layer.lora.B, 1.0, dropout_p=0.1, plan="merged")
 
 
 def test_fused_dropout_gradients_match_reference_with_same_mask():
