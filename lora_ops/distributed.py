@@ -75,3 +75,12 @@ def barrier() -> None:
 
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def all_reduce_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[float, float]:
+    """(min of ``lo``, max of ``hi``) over ranks, e.g. to fix a quantizer range on the global batch."""
+    if not (is_initialized() and world_size() > 1):
+        return float(lo), float(hi)
+    t = torch.stack([-lo.float(), hi.float()]).cpu()
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return float(-t[0]), float(t[1])

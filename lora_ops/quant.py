@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lora_ops import distributed
+
 HC_BETA = 2.0 / 3.0
 HC_GAMMA = -0.1
 HC_ZETA = 1.1
@@ -213,7 +215,9 @@ class BayesianBitsQuantizer(nn.Module):
             return x
         signed = self._grid_signed()
         if signed is None:
-            self.set_range(float(x.detach().min()), float(x.detach().max()))
+            # data-parallel ranks each see part of the batch: agree on the whole batch's range
+            lo, hi = distributed.all_reduce_range(x.detach().min(), x.detach().max())
+            self.set_range(lo, hi)
             signed = bool(self._signed)
         gates = self.gates(training=self.training and not deterministic)
         return residual_quantize(x, self.x_max.abs(), signed, gates, self.bits)
