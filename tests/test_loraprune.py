@@ -316,3 +316,31 @@ def test_bad_input_errors(tiny_llama, tiny_bert):
     grid = plan(tiny_llama, ratio=0.4)["grid"]  # nearest on the 1/2 grid
     assert grid["kinds"]["heads"]["achieved"] == 0.5 and grid["layers"]["0"]["heads"]["kv_heads"] == 1
     assert grid["layers"]["2"]["exempt"] and grid["kinds"]["mlp"]["achieved"] == pytest.approx(38 / 96)
+
+
+# ------------------------------------------------------------------ accounting, PEFT export, perplexity
+def test_parameter_counts_and_peft_export_use_pruned_shapes(tiny_llama):
+    method, ctx, plan = _setup(tiny_llama, ratio=0.5, exempt_layers=[2], prune_every=3)
+    _train(tiny_llama, method, ctx, plan, _lm_batch, steps=8)
+    counts = method.parameter_counts(tiny_llama)
+    dense = sum(p.numel() for n, p in tiny_llama.named_parameters() if ".lora." not in n)
+    assert 0 < counts["active"] < dense and counts["trainable"] > 0
+    exported = method.export_peft(tiny_llama, plan, ctx)
+    key = "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"
+    assert exported.tensors[key].shape == (4, 48)  # re-keyed to the pruned width
+    assert exported.tensors[key.replace("layers.0", "layers.2")].shape == (4, 96)
+    assert isinstance(tiny_llama.model.layers[0].mlp.down_proj, MaskedLoRALinear)  # model untouched
+
+
+def test_perplexity_matches_model_loss(tiny_llama):
+    from lora_ops.lm_eval import perplexity
+
+    tokens = torch.randint(1, 128, (70,), generator=torch.Generator().manual_seed(0))
+    res = perplexity(tiny_llama, tokens, window=16, windows=4, batch_size=3)
+    ids = tokens[:64].view(4, 16)
+    with torch.no_grad():
+        loss = tiny_llama(input_ids=ids, labels=ids).loss
+    assert res["windows"] == 4 and res["tokens"] == 60
+    assert res["ppl"] == pytest.approx(torch.exp(loss).item(), rel=1e-4)
+    with pytest.raises(ValueError, match="windows"):
+        perplexity(tiny_llama, tokens, window=16, windows=5)

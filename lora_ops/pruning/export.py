@@ -199,7 +199,8 @@ def load_pruned_model(path: str | Path, dtype: torch.dtype | None = None, device
     info = getattr(cfg, CONFIG_KEY, None)
     cls = getattr(transformers, cfg.architectures[0])
     if info is None or info.get("stock_loadable"):
-        return cls.from_pretrained(path, dtype=dtype).to(device)
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        return cls.from_pretrained(path, **kwargs).to(device).eval()
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
@@ -212,9 +213,7 @@ def load_pruned_model(path: str | Path, dtype: torch.dtype | None = None, device
     for f in files:
         state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])  # list (v4) or dict (v5): keys either way
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(f"pruned checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
