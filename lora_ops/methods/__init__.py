@@ -7,6 +7,7 @@ from lora_ops.methods import (  # noqa: F401  (registration side effects)
     dora_dr,
     lora,
     lora_drop,
+    loraprune,
 )
 from lora_ops.methods.base import (
     AdapterConfig,
