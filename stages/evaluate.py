@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 from safetensors.torch import load_file
 
 from lora_ops.training import load_trainable_state
@@ -129,8 +130,76 @@ def plot_structure(rows: list[dict], method: str, path: Path) -> None:
     plt.close(fig)
 
 
+def load_merged_lm(path: Path):
+    """Pruned folders with per-layer widths need lora_ops' loader; everything else loads stock."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from lora_ops.pruning import load_pruned_model
+
+    config = json.loads((path / "config.json").read_text())
+    if "lora_sieve_pruning" in config:
+        return load_pruned_model(path), not config["lora_sieve_pruning"].get("stock_loadable", False)
+    return AutoModelForCausalLM.from_pretrained(str(path)), False
+
+
+def evaluate_lm(params, plan: dict, device: str) -> dict:
+    """Perplexity on WikiText-2 and PTB test at a pinned protocol, sizes and latency, dense vs merged."""
+    import resource
+
+    from lora_ops.lm_eval import perplexity
+    from stages.common.lm import corpus_tokens, load_corpus
+    from stages.common.params import mirror_path
+    from stages.common.pipeline import load_base
+
+    pe = params.lm_eval
+    merged, needs_loader = load_merged_lm(Paths.merged_model)
+    merged.to(device).eval()
+    adapted = build_adapted(params, plan)
+    load_trainable_state(adapted.model, load_file(str(Paths.adapter)))
+    tok = adapted.loaded.tokenizer
+    need = pe.window * pe.windows
+    corpora = {name: corpus_tokens(load_corpus(name, mirror_path(params)), tok, need) for name in ("wikitext2", "ptb")}
+    metrics: dict = {"ppl_window": pe.window, "ppl_windows": pe.windows, "needs_lora_sieve_loader": needs_loader}
+    for name, ids in corpora.items():
+        metrics[f"{name}_ppl"] = perplexity(merged, ids, pe.window, pe.windows, device=device)["ppl"]
+    probe = corpora["wikitext2"][: pe.window].unsqueeze(0).to(device)
+    with torch.no_grad():
+        diff = (adapted.model(input_ids=probe).logits - merged(input_ids=probe).logits).abs().max().item()
+    metrics["max_abs_diff_unmerged_vs_merged"] = diff
+    latency_input = {"input_ids": probe}
+    metrics["params_merged"] = sum(p.numel() for p in merged.parameters())
+    metrics["latency_merged_ms"] = 1000 * _latency(merged, latency_input)
+    if pe.dense_baseline:
+        dense = load_base(params).model.to(device).eval()
+        metrics["params_dense"] = sum(p.numel() for p in dense.parameters())
+        metrics["latency_dense_ms"] = 1000 * _latency(dense, latency_input)
+        for name, ids in corpora.items():
+            metrics[f"dense_{name}_ppl"] = perplexity(dense, ids, pe.window, pe.windows, device=device)["ppl"]
+        metrics["params_ratio_to_dense"] = metrics["params_merged"] / metrics["params_dense"]
+        metrics["latency_ratio_to_dense"] = metrics["latency_merged_ms"] / metrics["latency_dense_ms"]
+    metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return metrics
+
+
+@torch.no_grad()
+def _latency(model, inputs: dict, repeats: int = 3) -> float:
+    import time
+
+    model(**inputs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(**inputs)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     from transformers import AutoModelForSequenceClassification
+
+    from stages.common.tasks import is_lm
 
     params = load_params()
     plan = read_json(Paths.plan)
@@ -140,6 +209,9 @@ def main() -> None:
     with StageRun("evaluate", params.model_dump()) as run:
         if not (Paths.merged_model / "config.json").is_file():
             raise FileNotFoundError(f"{Paths.merged_model} is missing: run the merge stage")
+        if is_lm(task):
+            finish(params, plan, task, run, evaluate_lm(params, plan, device))
+            return
         merged = AutoModelForSequenceClassification.from_pretrained(str(Paths.merged_model)).to(device).eval()
         adapted = build_adapted(params, plan)
         load_trainable_state(adapted.model, load_file(str(Paths.adapter)))
@@ -149,45 +221,49 @@ def main() -> None:
         sample = {k: v[:DIFF_EXAMPLES] for k, v in dev.items()}
         unmerged_logits = predict(adapted.model, sample, bs, device)
         metrics["max_abs_diff_unmerged_vs_merged"] = (unmerged_logits - logits[:DIFF_EXAMPLES]).abs().max().item()
-        counts = plan["parameters"]
-        trained = read_json(Paths.finetune_summary)
-        metrics.update({
-            "trainable_params": counts["trainable"], "stored_params": counts["stored"],
-            "active_params": trained["parameters"].get("active", counts["active"]),
-            "plain_lora_params": counts["plain_lora"],
-            "trainable_ratio_to_lora": counts["trainable"] / counts["plain_lora"],
-            "train_seconds": trained["seconds"],
-            "latency_merged_ms": 1000 * latency_per_batch(merged, dev, bs, params.evaluate.latency_batches, device),
-            "latency_unmerged_ms": 1000 * latency_per_batch(adapted.model, dev, bs,
-                                                            params.evaluate.latency_batches, device),
-        })
+        metrics["latency_merged_ms"] = 1000 * latency_per_batch(merged, dev, bs, params.evaluate.latency_batches,
+                                                                device)
+        metrics["latency_unmerged_ms"] = 1000 * latency_per_batch(adapted.model, dev, bs,
+                                                                  params.evaluate.latency_batches, device)
         n_sample = len(sample["labels"])
         sample_batches = [{k: v[i:i + bs] for k, v in sample.items()} for i in range(0, n_sample, bs)]
         metrics.update(adapted.method.evaluation_extras(adapted.model, plan, adapted.ctx, sample_batches))
-        metrics["main_metric"] = task.main_metric
-        metrics["score"] = metrics[task.main_metric]
-        write_json(Paths.metrics, metrics)
-        history = pd.read_csv(Paths.history)
-        Paths.plots.mkdir(parents=True, exist_ok=True)
-        plot_loss(history, Paths.plots / "training_loss.png")
-        scores = read_parquet(Paths.importance)
-        if len(scores) and "importance" in scores.columns:
-            plot_importance(scores, plan, Paths.plots / "importance.png")
-        else:
-            plot_placeholder(f"{params.method.name}: no per-module importance (fixed structure)",
-                             Paths.plots / "importance.png")
-        summary = trained.get("controller", {})
-        structure = [r for r in summary.get("modules", []) if "rank" in r] or \
-            [{"module": m, "rank": r} for m, r in summary.get("ranks", {}).items()]
-        plot_structure(structure, params.method.name, Paths.plots / "structure.png")
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, parent=True)
-        run.set_tags({"main_metric": task.main_metric}, parent=True)
-        run.log_artifact(Paths.metrics)
-        run.log_artifact(Paths.plots, "plots")
-        shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in task.metrics)
-        print(f"evaluate: {shown}; trainable {counts['trainable']:,} params "
-              f"({metrics['trainable_ratio_to_lora']:.1%} of LoRA); max |unmerged-merged| "
-              f"{metrics['max_abs_diff_unmerged_vs_merged']:.2e}")
+        finish(params, plan, task, run, metrics)
+
+
+def finish(params, plan: dict, task, run, metrics: dict) -> None:
+    """Parameter accounting, metrics.json, plots and MLflow logging (shared by every task kind)."""
+    counts = plan["parameters"]
+    trained = read_json(Paths.finetune_summary)
+    metrics.update({
+        "trainable_params": counts["trainable"], "stored_params": counts["stored"],
+        "active_params": trained["parameters"].get("active", counts["active"]),
+        "plain_lora_params": counts["plain_lora"],
+        "trainable_ratio_to_lora": counts["trainable"] / counts["plain_lora"],
+        "train_seconds": trained["seconds"],
+    })
+    metrics["main_metric"] = task.main_metric
+    metrics["score"] = metrics[task.main_metric]
+    write_json(Paths.metrics, metrics)
+    Paths.plots.mkdir(parents=True, exist_ok=True)
+    plot_loss(pd.read_csv(Paths.history), Paths.plots / "training_loss.png")
+    scores = read_parquet(Paths.importance)
+    if len(scores) and "importance" in scores.columns:
+        plot_importance(scores, plan, Paths.plots / "importance.png")
+    else:
+        plot_placeholder(f"{params.method.name}: no per-module importance scores", Paths.plots / "importance.png")
+    summary = trained.get("controller", {})
+    structure = [r for r in summary.get("modules", []) if "rank" in r] or \
+        [{"module": m, "rank": r} for m, r in summary.get("ranks", {}).items()]
+    plot_structure(structure, params.method.name, Paths.plots / "structure.png")
+    run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, parent=True)
+    run.set_tags({"main_metric": task.main_metric}, parent=True)
+    run.log_artifact(Paths.metrics)
+    run.log_artifact(Paths.plots, "plots")
+    shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in task.metrics)
+    print(f"evaluate: {shown}; trainable {counts['trainable']:,} adapter params "
+          f"({metrics['trainable_ratio_to_lora']:.1%} of LoRA); max |unmerged-merged| "
+          f"{metrics['max_abs_diff_unmerged_vs_merged']:.2e}")
 
 
 if __name__ == "__main__":

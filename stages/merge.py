@@ -42,14 +42,15 @@ def main() -> None:
 
         # 2. PEFT format (shared tensors cloned per module; head as modules_to_save)
         head_tensors = {k: v for k, v in state.items() if any(k.startswith(h + ".") for h in heads)}
-        export = method.export_peft(model, plan, ctx)
+        export = None if method.no_peft_export_reason else method.export_peft(model, plan, ctx)
         with atomic_path(Paths.peft) as tmp:
             tmp.mkdir()
             if export is None:
-                (tmp / "NOT_EXPORTED.txt").write_text(f"{method.name} has no PEFT form: use the merged model\n")
+                (tmp / "NOT_EXPORTED.txt").write_text(f"{method.name}: {method.no_peft_export_reason}\n")
             else:
                 config = {**export.config, "base_model_name_or_path": ref.path,
-                          "task_type": "SEQ_CLS", "modules_to_save": heads or None}
+                          "task_type": "CAUSAL_LM" if adapted.loaded.kind == "causal_lm" else "SEQ_CLS",
+                          "modules_to_save": heads or None}
                 tensors = {**export.tensors,
                            **{f"base_model.model.{k}": v.clone().contiguous() for k, v in head_tensors.items()}}
                 (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -65,7 +66,7 @@ def main() -> None:
             print(f"merge: {method.name} {name} form -> {Paths.merge / name}")
 
         # 4. merged plain Hugging Face folder
-        merged = method.merged_model(model, plan, ctx).cpu()
+        merged = method.export_merged(model, plan, ctx).cpu()
         with atomic_path(Paths.merged_model) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             adapted.loaded.tokenizer.save_pretrained(tmp)

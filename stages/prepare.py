@@ -10,9 +10,11 @@ import torch
 from stages.common import runtime
 from stages.common.glue import load_split
 from stages.common.io import write_json, write_parquet
+from stages.common.lm import load_instructions
 from stages.common.models import resolve_model
 from stages.common.params import load_params, mirror_path
 from stages.common.pipeline import Paths, task_of
+from stages.common.tasks import is_lm
 from stages.common.tracking import StageRun
 
 
@@ -46,17 +48,24 @@ def main() -> None:
     ref = resolve_model(params.model.name)
     with StageRun("prepare", params.model_dump()) as run:
         mirror = mirror_path(params)
-        train = _subsample(load_split(task, "train", mirror), params.data.train_size, params.seed)
-        dev = _subsample(load_split(task, "dev", mirror), params.data.dev_size, params.seed + 1)
+        if is_lm(task):
+            # instruction data has no dev split: hold out a fixed, seeded share
+            rows = load_instructions(task, mirror).sample(frac=1.0, random_state=params.seed)
+            n_dev = max(1, len(rows) // 20)
+            dev_rows, train_rows = rows.iloc[:n_dev].reset_index(drop=True), rows.iloc[n_dev:].reset_index(drop=True)
+        else:
+            train_rows, dev_rows = load_split(task, "train", mirror), load_split(task, "dev", mirror)
+        train = _subsample(train_rows, params.data.train_size, params.seed)
+        dev = _subsample(dev_rows, params.data.dev_size, params.seed + 1)
         write_parquet(Paths.train, train)
         write_parquet(Paths.dev, dev)
         info = {"name": ref.name, "path": ref.path, "source": ref.source, "fingerprint": _fingerprint(ref.path),
-                "task": task.name, "num_labels": task.num_labels, "fields": list(task.fields),
+                "task": task.name, "kind": getattr(task, "kind", "classification"), "num_labels": task.num_labels, "fields": list(task.fields),
                 "metrics": list(task.metrics), "main_metric": task.main_metric,
                 "train_rows": len(train), "dev_rows": len(dev)}
         write_json(Paths.model_ref, info)
         run.log_metrics({"train_rows": len(train), "dev_rows": len(dev)})
-        if not task.is_regression:
+        if not task.is_regression and not is_lm(task):
             run.log_metrics({f"train_label_share_{k}": v for k, v in
                              train["label"].value_counts(normalize=True).items()})
         print(f"prepare: {task.name} train={len(train)} dev={len(dev)}; model {ref.name} ({ref.source})")

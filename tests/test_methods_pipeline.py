@@ -39,3 +39,26 @@ def test_method_runs_through_every_stage(method, tmp_path, monkeypatch):
         assert metrics["max_abs_diff_unmerged_vs_merged"] < 1e-4
     else:
         assert "float_export_max_abs_diff" in metrics and "bops_ratio_total" in metrics
+
+
+LM_TINY = {"model.name": "smollm2-135m", "task.name": "alpaca", "method.name": "loraprune",
+           "data.train_size": 32, "data.dev_size": 8, "model.max_length": 48, "train.batch_size": 8,
+           "train.epochs": 1, "loraprune.prune_every": 1, "lm_eval.window": 64, "lm_eval.windows": 2,
+           "evaluate.batch_size": 8}
+
+
+def test_loraprune_on_smollm2_through_every_stage(tmp_path, monkeypatch):
+    repo = scratch_repo(tmp_path / "repo", LM_TINY, git=False)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for stage in STAGES:
+        importlib.import_module(f"stages.{stage}").main()
+    metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
+    plan = json.loads((repo / "data/decide/plan.json").read_text())
+    assert plan["grid"] and metrics["ppl_window"] == 64 and metrics["ppl_windows"] == 2
+    assert metrics["wikitext2_ppl"] > 1 and metrics["ptb_ppl"] > 1
+    assert metrics["params_merged"] < metrics["params_dense"]  # heads and channels physically removed
+    # the pruned, merged model equals the masked, unmerged one
+    assert metrics["max_abs_diff_unmerged_vs_merged"] < 1e-3
+    assert (repo / "data/merge/peft/NOT_EXPORTED.txt").is_file()

@@ -74,6 +74,8 @@ class Method:
     #: pydantic model of the method's own section in params.yaml (``params[<name>]``)
     params_model: ClassVar[type[BaseModel]] = NoParams
     needs_calibration: ClassVar[bool] = False
+    #: why the merge stage writes no PEFT adapter for this method ("" = it writes one)
+    no_peft_export_reason: ClassVar[str] = ""
 
     # ---------------------------------------------------------------- stages
     def calibrate(
@@ -121,6 +123,10 @@ class Method:
         from lora_ops.targets import unload
 
         return unload(model, merge=True)
+
+    def export_merged(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> nn.Module:
+        """The model to save as a plain HF folder (``save_pretrained``); may restructure it in place."""
+        return self.merged_model(model, plan, ctx)
 
     def extra_exports(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext
                       ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:

@@ -79,6 +79,8 @@ class LoRAPrune(Method):
     description = "LoRAPrune: LoRA-gradient-guided structured pruning of heads/KV groups and MLP channels"
     params_model = LoRAPruneParams
     needs_calibration = True  # reads the structure from the model; the sample itself is not used
+    no_peft_export_reason = ("the base model itself is pruned: use the merged folder (data/merge/model); "
+                             "export_peft() gives the LoRA at pruned shapes for an unmerged pruned base")
 
     def calibrate(self, model: nn.Module, targets: list[Target], sample: BatchSource | None,
                   ctx: MethodContext) -> list[dict[str, Any]]:
@@ -173,6 +175,11 @@ class LoRAPrune(Method):
         ctl = self.controller(model, plan, ctx)
         ctl.masks_from_layers()
         return ctl.plan()
+
+    def export_merged(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> nn.Module:
+        """Heads and channels physically removed, LoRA merged; widths recorded in the config."""
+        final = self.final_plan(model, plan, ctx)
+        return prune_model(model, final, merge=True)
 
     def export_model(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext, out_dir: str | Path,
                      tokenizer: Any = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_ops.methods import AdapterConfig, available_methods, get_method
-from stages.common.glue import TASKS
+from stages.common.tasks import TASKS
 
 
 class ConfigError(ValueError):
@@ -121,6 +121,14 @@ class DistributedParams(_Strict):
         return v
 
 
+class LMEvalParams(_Strict):
+    """Causal-LM evaluation protocol (recorded with the metrics)."""
+
+    window: int = Field(256, ge=16, description="tokens per perplexity window (non-overlapping)")
+    windows: int = Field(8, ge=1, description="windows scored from the start of each test text")
+    dense_baseline: bool = Field(True, description="also measure the unadapted base model")
+
+
 class TrackingParams(_Strict):
     experiment: str = "lora-sieve"
 
@@ -137,6 +145,7 @@ class Params(BaseModel):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     distributed: DistributedParams = DistributedParams()
+    lm_eval: LMEvalParams = LMEvalParams()
     tracking: TrackingParams = TrackingParams()
 
     @model_validator(mode="after")
@@ -207,15 +216,18 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _check_data_reachable(params: Params, root: Path) -> None:
-    from stages.common.glue import get_task, mirror_has_task
+    from stages.common.glue import mirror_has_task
+    from stages.common.tasks import get_task, is_lm
 
     mirror = mirror_path(params, root)
     offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
     task = get_task(params.task.name)
-    if (mirror is None or not mirror_has_task(mirror, task)) and offline:
+    present = mirror is not None and (
+        (mirror / task.mirror_file).is_file() if is_lm(task) else mirror_has_task(mirror, task))
+    if not present and offline:
         where = f"{mirror}" if mirror is not None else "(no mirror set)"
         raise ConfigError(
-            f"data mirror {where} has no GLUE {task.name} and the hub is off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): "
+            f"data mirror {where} has no {'GLUE ' * (not is_lm(task))}{task.name} and the hub is off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): "
             "set data.mirror to a folder laid out like ../shared/data, or go online"
         )
 

@@ -17,10 +17,11 @@ from lora_ops.metrics import compute_metrics
 from lora_ops.targets import Target, find_targets, freeze_all_but
 from lora_ops.training import TrainConfig
 from stages.common import runtime
-from stages.common.glue import GlueTask, get_task
 from stages.common.io import read_json
-from stages.common.models import LoadedModel, ModelRef, load_for_classification
+from stages.common.lm import tokenize_lm
+from stages.common.models import LoadedModel, ModelRef, load_causal_lm, load_for_classification
 from stages.common.params import Params
+from stages.common.tasks import Task, get_task, is_lm
 
 
 class Paths:
@@ -69,15 +70,21 @@ def method_context(params: Params) -> tuple[Method, MethodContext]:
     return method, ctx
 
 
-def task_of(params: Params) -> GlueTask:
+def task_of(params: Params) -> Task:
     return get_task(params.task.name)
 
 
 def select_metric(params: Params) -> str:
-    return task_of(params).main_metric if params.train.select_metric == "main" else params.train.select_metric
+    """The metric that picks the best epoch: the task's main metric, or dev loss for causal LMs."""
+    if params.train.select_metric != "main":
+        return params.train.select_metric
+    task = task_of(params)
+    return "loss" if is_lm(task) else task.main_metric
 
 
-def tokenize(df: pd.DataFrame, task: GlueTask, tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+def tokenize(df: pd.DataFrame, task: Task, tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+    if is_lm(task):
+        return tokenize_lm(df["text"].tolist(), tokenizer, max_length)
     texts = [df[f].tolist() for f in task.fields]
     enc = tokenizer(*texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
     features = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -97,7 +104,10 @@ def model_ref(params: Params) -> ModelRef:
 
 
 def load_base(params: Params) -> LoadedModel:
-    return load_for_classification(model_ref(params), task_of(params).num_labels)
+    task = task_of(params)
+    if is_lm(task):
+        return load_causal_lm(model_ref(params))
+    return load_for_classification(model_ref(params), task.num_labels)
 
 
 @dataclass
@@ -141,13 +151,33 @@ def predict(model: nn.Module, features: dict[str, torch.Tensor], batch_size: int
     return torch.cat(outs)
 
 
-def task_metrics(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def task_metrics(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     pred = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
     return compute_metrics(list(task.metrics), pred, labels)
 
 
-def evaluate_features(model: nn.Module, features: dict[str, torch.Tensor], task: GlueTask, batch_size: int,
+@torch.no_grad()
+def lm_loss(model: nn.Module, features: dict[str, torch.Tensor], batch_size: int, device: str) -> dict[str, float]:
+    """Token-weighted mean NLL and perplexity on held-out instruction data."""
+    import math
+
+    from lora_ops.data import BatchSource
+
+    model.eval()
+    nll, tokens = 0.0, 0
+    for batch in BatchSource(features, batch_size, shuffle=False).batches():
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        nll += model(**batch).loss.item() * n
+        tokens += n
+    loss = nll / max(1, tokens)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+def evaluate_features(model: nn.Module, features: dict[str, torch.Tensor], task: Task, batch_size: int,
                       device: str) -> dict[str, float]:
+    if is_lm(task):
+        return lm_loss(model, features, batch_size, device)
     logits = predict(model, features, batch_size, device)
     metrics = task_metrics(task, logits, features["labels"])
     if task.is_regression:
