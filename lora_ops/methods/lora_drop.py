@@ -52,7 +52,7 @@ class LoRADrop(Method):
             cfg = TrainConfig(epochs=params.probe_epochs, lr=params.probe_lr or ctx.train.lr,
                               head_lr=ctx.train.head_lr, weight_decay=ctx.train.weight_decay,
                               warmup_ratio=ctx.train.warmup_ratio, grad_clip=ctx.train.grad_clip,
-                              progress=ctx.train.progress)
+                              progress=ctx.train.progress, progress_label="calibrate: probe LoRA")
             train(model, sample, cfg, device=ctx.device)
             recorder = OutputEnergyRecorder(layers)  # type: ignore[arg-type]
             model.eval()

@@ -37,6 +37,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at epoch ends
     select_metric: str = "loss"  # metric for "best"; "loss" is minimised, any other maximised
     progress: bool = True
+    progress_label: str = "finetune"
 
 
 @dataclass
@@ -162,7 +163,7 @@ def train(
         }
 
     show = cfg.progress and dist.is_main()
-    bar = tqdm(total=total, initial=step, disable=not show, desc="finetune", unit="step",
+    bar = tqdm(total=total, initial=step, disable=not show, desc=cfg.progress_label, unit="step",
                dynamic_ncols=True, mininterval=1.0)
     started = time.perf_counter()
     model.train()
