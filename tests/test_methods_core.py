@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -69,6 +70,7 @@ def test_recorded_importance_equals_direct_computation(tiny_bert):
 def test_lora_drop_plan_shares_one_pair_per_group(tiny_bert):
     method, ctx = _ctx("lora_drop", threshold=0.6)
     targets = find_targets(tiny_bert, "all")
+    unadapted = copy.deepcopy(tiny_bert)
     rows = [{"module": t.name, "group": t.group, "role": t.role, "layer": t.layer,
              "energy": float(t.layer + 1), "tokens": 10} for t in targets]
     scores = method.score(rows, targets, ctx)
@@ -84,9 +86,14 @@ def test_lora_drop_plan_shares_one_pair_per_group(tiny_bert):
     lora_counts = sum(4 * (t.in_features + t.out_features) for t in targets)
     # 2 own + 1 shared pair per group (the shared pair counts once): 3 of 3 -> equal here
     assert counts["trainable"] == lora_counts
+    assert counts["active"] == counts["trainable"]  # the shared pair is one set of tensors, counted once
     plan2 = method.decide(scores, targets, _ctx("lora_drop", threshold=0.4)[1])
     for entry in plan2["groups"].values():
         assert len(entry["retained"]) == 1 and len(entry["shared"]) == 2
+    # 1 own + 1 shared pair of 3 modules per group: 2/3 of LoRA's parameters
+    fresh = copy.deepcopy(unadapted)
+    method.build(fresh, targets, plan2, ctx)
+    assert method.parameter_counts(fresh)["trainable"] * 3 == lora_counts * 2
 
 
 def test_lora_drop_calibration_leaves_model_untouched(tiny_bert):

@@ -114,7 +114,10 @@ class Method:
                 if id(p) not in seen:
                     seen.add(id(p))
                     trainable += p.numel()
-        active = sum(layer.num_active() for layer in _unique_layers(model))
+        # layers that share one set of tensors (LoRA-drop) count once
+        by_tensors = {tuple(sorted(id(p) for _, p in layer.adapter_parameters())): layer
+                      for layer in adapter_layers(model).values()}
+        active = sum(layer.num_active() for layer in by_tensors.values())
         return {"trainable": trainable, "active": active, "stored": trainable}
 
     # ---------------------------------------------------------------- export
@@ -142,10 +145,6 @@ class Method:
         from lora_ops.export import export_lora_family
 
         return export_lora_family(model)
-
-
-def _unique_layers(model: nn.Module) -> list[AdapterLayer]:
-    return list(adapter_layers(model).values())
 
 
 _REGISTRY: dict[str, type[Method]] = {}
