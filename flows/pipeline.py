@@ -82,17 +82,26 @@ def validate_overrides(root: Path, overrides: dict[str, Any]) -> Params:
 
 
 def _set_overrides(path: Path, overrides: dict[str, Any]) -> None:
-    from dvc.utils.serialize import modify_yaml  # round-trip YAML: comments and order survive
+    """Write dotted overrides into params.yaml with a round-trip parser: comments, order and
+    ``null`` spellings survive, so the saved experiment diffs only in the overridden keys."""
+    from ruamel.yaml import YAML
 
-    with modify_yaml(path) as data:
-        for key, value in overrides.items():
-            node = data
-            *parents, leaf = key.split(".")
-            for p in parents:
-                if node.get(p) is None:
-                    node[p] = {}
-                node = node[p]
-            node[leaf] = value
+    yml = YAML()
+    yml.preserve_quotes = True
+    yml.width = 4096
+    yml.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    data = yml.load(path.read_text())
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+        node[leaf] = value
+    with open(path, "w") as fh:
+        yml.dump(data, fh)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ def _ran(proc) -> list[str]:
 def repo(tmp_path_factory):
     repo = scratch_repo(tmp_path_factory.mktemp("e2e") / "repo")
     first = run(["dvc", "repro"], repo)
-    assert _ran(first) == ["prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate"]
+    assert _ran(first) == ["prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate", "promote"]
     return repo
 
 
@@ -61,7 +61,7 @@ def test_mlflow_parent_run_with_a_child_per_stage(repo):
     first = parents[0][0]
     children = con.execute("select r.run_uuid, r.status from runs r join tags t on r.run_uuid=t.run_uuid "
                            "where t.key='mlflow.parentRunId' and t.value=?", (first,)).fetchall()
-    assert len(children) == 7 and all(s == "FINISHED" for _, s in children)
+    assert len(children) == 8 and all(s == "FINISHED" for _, s in children)
     commit = con.execute("select value from tags where run_uuid=? and key='git_commit'", (children[0][0],)).fetchone()
     assert commit and len(commit[0]) >= 40
     hashes = con.execute("select count(*) from tags where key like 'dvc.stage_hash.%'").fetchone()[0]
