@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
+
+from mlflow.exceptions import MlflowException
 
 from stages.common import runtime
 from stages.common.io import read_json, write_json
 from stages.common.params import load_params
 from stages.common.pipeline import Paths
 from stages.common.registry import Limits, default_name, register_and_decide
-from stages.common.tracking import StageRun, dvc_stage_hashes, git_commit, params_hash
+from stages.common.tracking import StageRun, dvc_stage_hashes, git_commit, params_hash, tracking_uri
 
 DECISION = Path("data/promote/decision.json")
 
@@ -72,9 +75,15 @@ def main() -> None:
         artifact_uri = run.client.get_run(run.run_id).info.artifact_uri.rstrip("/")
         tags["lineage.adapter_uri"] = f"{artifact_uri}/adapter"
         tags["mlflow.parent_run"] = run.parent_id or ""
-        record = register_and_decide(
-            run.client, name, f"{artifact_uri}/model", run.run_id, metrics, tags, limits,
-            description=f"{params.method.name} on {params.task.name}, base {tags['base_model']}")
+        try:
+            record = register_and_decide(
+                run.client, name, f"{artifact_uri}/model", run.run_id, metrics, tags, limits,
+                description=f"{params.method.name} on {params.task.name}, base {tags['base_model']}")
+        except MlflowException as exc:
+            # one line for the flow/DVC log; the traceback follows (exit 1: transient, may be retried)
+            print(f"error [promote]: registry at {tracking_uri(Path('.'))} failed during promotion of {name} "
+                  f"({str(exc)[:300]}); aliases it had moved were put back (best effort)", file=sys.stderr)
+            raise
         run.set_tags({"promotion.name": name, "promotion.version": record["version"],
                       "promotion.decision": "promoted" if record["promoted"] else "rejected",
                       "promotion.reasons": json.dumps(record["reasons"])[:5000]}, parent=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -191,15 +192,18 @@ def test_scheduled_deployment_on_a_prefect_server_runs_when_triggered(first, ser
             trig = subprocess.run(["prefect", "deployment", "run", "lora-sieve-pipeline/nightly"],
                                   capture_output=True, text=True, env=env)
             assert trig.returncode == 0, trig.stdout + trig.stderr
+            run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", trig.stdout).group(1)
             deadline = time.monotonic() + 300
-            states = ""
-            while time.monotonic() < deadline:
-                states = subprocess.run(["prefect", "flow-run", "ls"], capture_output=True, text=True, env=env,
-                                        ).stdout
-                if "COMPLETED" in states or "FAILED" in states or "CRASHED" in states:
-                    break
+            state = None
+            while time.monotonic() < deadline and state not in ("COMPLETED", "FAILED", "CRASHED"):
                 time.sleep(3)
-            assert "COMPLETED" in states, states + (tmp_path / "serve.log").read_text()[-4000:]
+                listed = subprocess.run(["prefect", "flow-run", "ls", "--flow-name", "lora-sieve-pipeline", "-o", "json"],
+                                        capture_output=True, text=True, env=env).stdout
+                mine = [r for r in json.loads(listed or "[]") if r["id"] == run_id]
+                state = mine[0]["state_type"] if mine else None
+            assert state == "COMPLETED", f"{state}\n" + (tmp_path / "serve.log").read_text()[-4000:]
+            scheduled = [r for r in json.loads(listed) if r["state_type"] == "SCHEDULED"]
+            assert scheduled, "the cron schedule should have queued future runs"
         finally:
             os.killpg(serve.pid, 2)  # Ctrl-C: the runner pauses the schedule and exits
             try:
@@ -238,7 +242,7 @@ def test_registry_unreachable_mid_run(first, services, client, monkeypatch):
     services.proxy.trip_on(b"registered-models/alias", outage_s=8)  # dies when the first alias would move
     state = pipeline(overrides={"registry.margin": 0.25}, repo=str(first.repo), retries=0, return_state=True)
     assert services.proxy.tripped.is_set()
-    assert state.is_failed() and "stage promote failed" in state.message
+    assert state.is_failed() and "stage promote failed (exit 1): error [promote]: registry at" in state.message
     assert aliases(client, NAME) == before
     newest = client.get_model_version(NAME, str(versions + 1))  # created before the outage, never aliased
     assert newest.tags["decision"] == "pending"
