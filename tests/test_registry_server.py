@@ -88,7 +88,8 @@ def test_first_then_worse_then_better_then_rollback(client, experiment, server, 
     assert info["aliases"][CHAMPION] == "1" and [v["version"] for v in info["versions"]] == ["4", "3", "2", "1"]
 
 
-def test_registry_unreachable_at_the_alias_call_moves_no_alias(client, experiment, server, tmp_path):
+def test_registry_unreachable_at_the_alias_call_moves_no_alias(client, experiment, server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the client's own retries would ride out the outage
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -106,3 +107,21 @@ def test_registry_unreachable_at_the_alias_call_moves_no_alias(client, experimen
     assert aliases(client, NAME) == before  # champion, challenger, previous-champion all where they were
     newest = max(client.search_model_versions(f"name = '{NAME}'"), key=lambda m: int(m.version))
     assert newest.tags["decision"] in ("pending", "failed") and newest.version not in before.values()
+
+
+def test_rollback_chain_on_the_local_sqlite_store(tmp_path):
+    """The default store (no server): aliases come back as ints there; two rollbacks walk the chain."""
+    from mlflow.tracking import MlflowClient
+
+    from stages.common.registry import rollback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    local = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = local.create_experiment("local", artifact_location=(tmp_path / "art").as_uri())
+    for score in (0.70, 0.80, 0.90):
+        assert register(local, exp, tmp_path, score)["promoted"]
+    assert aliases(local, NAME) == {CHAMPION: "3", CHALLENGER: "3", PREVIOUS: "2"}
+    assert rollback(local, NAME)["champion"] == "2"
+    assert aliases(local, NAME) == {CHAMPION: "2", CHALLENGER: "3", PREVIOUS: "1"}
+    assert rollback(local, NAME)["champion"] == "1"
+    assert aliases(local, NAME) == {CHAMPION: "1", CHALLENGER: "3"}

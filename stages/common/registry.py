@@ -142,7 +142,8 @@ def aliases(client: Any, name: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
 
     try:
-        return dict(client.get_registered_model(name).aliases)
+        # versions as strings whatever the store returns (sqlite gives ints, the REST API strings)
+        return {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return {}
