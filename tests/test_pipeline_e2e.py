@@ -51,12 +51,13 @@ def test_merged_folder_and_peft_export_load_without_lora_sieve(repo):
 def test_second_repro_does_nothing_and_eval_param_reruns_only_evaluate(repo):
     assert _ran(run(["dvc", "repro"], repo)) == []
     set_params(repo, {"evaluate.latency_batches": 2})
-    assert _ran(run(["dvc", "repro"], repo)) == ["evaluate"]
+    assert _ran(run(["dvc", "repro"], repo)) == ["evaluate", "promote"]  # new metrics: a new registry version
 
 
 def test_mlflow_parent_run_with_a_child_per_stage(repo):
     con = sqlite3.connect(repo / "mlflow.db")
-    parents = con.execute("select run_uuid from tags where key='pipeline' and value='true'").fetchall()
+    parents = con.execute("select t.run_uuid from tags t join runs r on r.run_uuid = t.run_uuid "
+                          "where t.key='pipeline' and t.value='true' order by r.start_time").fetchall()
     assert parents
     first = parents[0][0]
     children = con.execute("select r.run_uuid, r.status from runs r join tags t on r.run_uuid=t.run_uuid "
