@@ -119,8 +119,12 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     ax1.set_ylim(max(0.0, lo - 0.1) if lo > 0 else lo - 0.1, None)
     ax1.legend(fontsize=8)
     ax1.grid(axis="y", alpha=0.3)
-    ax2.set_xscale("log")
-    ax2.set_xlabel("trainable parameters (log)")
+    sizes = df["trainable_params"].astype(float)
+    if sizes.min() > 0 and sizes.max() / sizes.min() > 10:  # log only pays off across orders of magnitude
+        ax2.set_xscale("log")
+    else:
+        ax2.ticklabel_format(axis="x", style="plain")
+    ax2.set_xlabel("trainable parameters")
     ax2.set_ylabel("task metric (dev)")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
