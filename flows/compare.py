@@ -161,12 +161,12 @@ def _log_mlflow(root: Path, experiment: str, files: list[Path], df: pd.DataFrame
 @flow(name="lora-sieve-compare", log_prints=True)
 def compare(methods: list[str], tasks: list[str] | None = None, seeds: list[int] | None = None,
             overrides: dict[str, Any] | None = None, repo: str = str(ROOT), out_dir: str = "reports",
-            register: bool = False, retries: int = 2) -> dict[str, Any]:
+            register_models: bool = False, retries: int = 2) -> dict[str, Any]:
     """Run every (task, seed, method) and write ``<out_dir>/compare.{md,csv,png}``; returns the rows."""
     logger = get_run_logger()
     root = Path(repo).resolve()
     base = dict(overrides or {})
-    base["registry.enabled"] = bool(register)
+    base["registry.enabled"] = bool(register_models)
     if not methods:
         raise ConfigError("compare needs at least one method")
     runs = combinations(methods, tasks, seeds, base)
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     result = compare(methods=args.methods, tasks=args.tasks, seeds=args.seeds, overrides=overrides,
-                     repo=str(root), out_dir=args.out, register=args.register)
+                     repo=str(root), out_dir=args.out, register_models=args.register)
     print("\n".join(result["files"]))
     return 0
 
