@@ -19,7 +19,7 @@ def _ran(proc) -> list[str]:
 def repo(tmp_path_factory):
     repo = scratch_repo(tmp_path_factory.mktemp("e2e") / "repo")
     first = run(["dvc", "repro"], repo)
-    assert _ran(first) == ["prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate"]
+    assert _ran(first) == ["prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate", "promote"]
     return repo
 
 
@@ -51,17 +51,18 @@ def test_merged_folder_and_peft_export_load_without_lora_sieve(repo):
 def test_second_repro_does_nothing_and_eval_param_reruns_only_evaluate(repo):
     assert _ran(run(["dvc", "repro"], repo)) == []
     set_params(repo, {"evaluate.latency_batches": 2})
-    assert _ran(run(["dvc", "repro"], repo)) == ["evaluate"]
+    assert _ran(run(["dvc", "repro"], repo)) == ["evaluate", "promote"]  # new metrics: a new registry version
 
 
 def test_mlflow_parent_run_with_a_child_per_stage(repo):
     con = sqlite3.connect(repo / "mlflow.db")
-    parents = con.execute("select run_uuid from tags where key='pipeline' and value='true'").fetchall()
+    parents = con.execute("select t.run_uuid from tags t join runs r on r.run_uuid = t.run_uuid "
+                          "where t.key='pipeline' and t.value='true' order by r.start_time").fetchall()
     assert parents
     first = parents[0][0]
     children = con.execute("select r.run_uuid, r.status from runs r join tags t on r.run_uuid=t.run_uuid "
                            "where t.key='mlflow.parentRunId' and t.value=?", (first,)).fetchall()
-    assert len(children) == 7 and all(s == "FINISHED" for _, s in children)
+    assert len(children) == 8 and all(s == "FINISHED" for _, s in children)
     commit = con.execute("select value from tags where run_uuid=? and key='git_commit'", (children[0][0],)).fetchone()
     assert commit and len(commit[0]) >= 40
     hashes = con.execute("select count(*) from tags where key like 'dvc.stage_hash.%'").fetchone()[0]

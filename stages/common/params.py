@@ -8,6 +8,8 @@ brings its section without editing this file.
 from __future__ import annotations
 
 import os
+import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +135,56 @@ class TrackingParams(_Strict):
     experiment: str = "lora-sieve"
 
 
+class RegistryParams(_Strict):
+    """Champion/challenger promotion of the merged model (stage ``promote``)."""
+
+    enabled: bool = Field(True, description="register the merged model and decide on promotion")
+    name: str | None = Field(None, description="registered model name; null = <task>-<model>")
+    margin: float = Field(0.0, ge=0.0, description="the challenger must beat the champion's score by more than this")
+    max_adapter_params: int | None = Field(None, ge=1, description="efficiency limit on stored adapter params")
+    max_latency_ms: float | None = Field(None, gt=0, description="efficiency limit on merged-model batch latency")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"registry name {v!r} may hold only letters, digits, '.', '_' and '-'")
+        return v
+
+
+class ScheduleParams(_Strict):
+    """The nightly deployment registered by ``python -m flows.serve``."""
+
+    cron: str = Field("0 2 * * *", description="5-field cron expression")
+    timezone: str = Field("UTC", description="IANA time zone of the cron expression")
+    deployment: str = Field("nightly", description="Prefect deployment name")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted param overrides for the run")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        from cronsim import CronSim, CronSimError  # Prefect's own cron parser
+
+        if len(v.split()) != 5:
+            raise ValueError(f"cron {v!r} must have 5 fields (minute hour day month weekday)")
+        try:
+            CronSim(v, datetime.now())
+        except CronSimError as exc:
+            raise ValueError(f"cron {v!r} is invalid: {exc}") from None
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (use an IANA name such as UTC or Europe/Berlin)") from None
+        return v
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="allow")
     seed: int = 42
@@ -147,6 +199,8 @@ class Params(BaseModel):
     distributed: DistributedParams = DistributedParams()
     lm_eval: LMEvalParams = LMEvalParams()
     tracking: TrackingParams = TrackingParams()
+    registry: RegistryParams = RegistryParams()
+    schedule: ScheduleParams = ScheduleParams()
 
     @model_validator(mode="after")
     def _method_sections(self) -> Params:
@@ -210,8 +264,10 @@ def _check_model(params: Params) -> None:
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw
     *parents, leaf = key.split(".")
-    for p in parents:
+    for i, p in enumerate(parents):
         node = node.setdefault(p, {})
+        if not isinstance(node, dict):  # e.g. "seed.x": the parent is a scalar, not a section
+            raise ConfigError(f"override {key!r}: {'.'.join(parents[:i + 1])} is not a section")
     node[leaf] = value
 
 

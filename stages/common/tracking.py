@@ -3,7 +3,7 @@
 Stages run as separate processes (DVC launches them), so the parent is found through
 ``LORA_SIEVE_PARENT_RUN_ID`` (set by the Prefect flow) or the small state file
 ``.lora_sieve/parent_run.json``: a stage joins the open parent unless that parent already
-has a child for this stage (a new execution), and ``evaluate`` closes it. The store is a
+has a child for this stage (a new execution), and ``promote`` (the last stage) closes it. The store is a
 local sqlite file inside the repository unless ``MLFLOW_TRACKING_URI`` says otherwise.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-FINAL_STAGE = "evaluate"
+FINAL_STAGE = "promote"  # the last stage in dvc.yaml closes the parent run
 
 
 def tracking_uri(root: Path) -> str:

@@ -1,0 +1,263 @@
+"""Champion/challenger promotion in the MLflow model registry (aliases, not the deprecated stages).
+
+Every promoted-or-not model is a new version of one registered model per task and base model.
+The new version always gets alias ``challenger``; it takes ``champion`` only when :func:`decide`
+says so, and the version it replaces keeps ``previous-champion`` so a rollback is one call.
+:func:`decide` is pure (metrics in, decision out) so it is unit-tested without any server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS = "previous-champion"
+# Task metrics where smaller is better; every GLUE main metric is "higher is better".
+LOWER_IS_BETTER = ("loss", "perplexity", "ppl")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The promotion gate: score margin over the champion plus efficiency ceilings (None = no limit)."""
+
+    margin: float = 0.0
+    max_adapter_params: int | None = None
+    max_latency_ms: float | None = None
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def higher_is_better(metric: str) -> bool:
+    return not any(word in metric.lower() for word in LOWER_IS_BETTER)
+
+
+def _number(metrics: Mapping[str, Any] | None, key: str) -> float | None:
+    value = (metrics or {}).get(key)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def adapter_params(metrics: Mapping[str, Any]) -> float | None:
+    """What the adapter costs to ship: stored parameters (shared tensors once), else trainable."""
+    stored = _number(metrics, "stored_params")
+    return stored if stored is not None else _number(metrics, "trainable_params")
+
+
+def decide(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None, limits: Limits,
+           metric: str = "score", higher_better: bool = True) -> Decision:
+    """Should ``candidate`` (its metrics) replace ``champion`` (its metrics, or None when there is none)?
+
+    It must pass every efficiency limit and beat the champion's ``metric`` by more than
+    ``limits.margin`` (strictly: a tie keeps the champion). Every check leaves a reason.
+    """
+    reasons: list[str] = []
+    ok = True
+    score = _number(candidate, metric)
+    if score is None:
+        return Decision(False, [f"candidate has no {metric!r} metric: not promotable"])
+
+    size = adapter_params(candidate)
+    if limits.max_adapter_params is not None:
+        if size is None:
+            ok = False
+            reasons.append("adapter parameter count unknown but max_adapter_params is set")
+        elif size > limits.max_adapter_params:
+            ok = False
+            reasons.append(f"adapter params {size:,.0f} exceed max_adapter_params {limits.max_adapter_params:,}")
+        else:
+            reasons.append(f"adapter params {size:,.0f} <= max_adapter_params {limits.max_adapter_params:,}")
+    latency = _number(candidate, "latency_merged_ms")
+    if limits.max_latency_ms is not None:
+        if latency is None:
+            ok = False
+            reasons.append("latency unknown but max_latency_ms is set")
+        elif latency > limits.max_latency_ms:
+            ok = False
+            reasons.append(f"latency {latency:.2f} ms exceeds max_latency_ms {limits.max_latency_ms:g}")
+        else:
+            reasons.append(f"latency {latency:.2f} ms <= max_latency_ms {limits.max_latency_ms:g}")
+
+    if champion is None:
+        reasons.append(f"no current champion: {metric} {score:.4f} takes the title")
+    else:
+        version = champion.get("version", "?")
+        best = _number(champion, metric)
+        if best is None:
+            reasons.append(f"champion v{version} has no {metric!r} metric: any scored candidate beats it")
+        else:
+            gain = score - best if higher_better else best - score
+            if gain > limits.margin:
+                reasons.append(f"{metric} {score:.4f} beats champion v{version} ({best:.4f}) by {gain:+.4f} "
+                               f"> margin {limits.margin:g}")
+            else:
+                ok = False
+                reasons.append(f"{metric} {score:.4f} does not beat champion v{version} ({best:.4f}) by more "
+                               f"than margin {limits.margin:g} (gain {gain:+.4f})")
+    return Decision(ok, reasons)
+
+
+# --------------------------------------------------------------------------- MLflow side
+
+def default_name(task: str, model: str) -> str:
+    """``<task>-<model>``; a model given as a path or hub id contributes its last component."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").split("/")[-1]).strip("-.") or "model"
+    return f"{task}-{base}"
+
+
+def metrics_from_tags(tags: Mapping[str, str]) -> dict[str, float]:
+    """Version tags ``metric.<k>`` back into a metrics dict (how a champion's score is read)."""
+    out: dict[str, float] = {}
+    for k, v in tags.items():
+        if k.startswith("metric."):
+            try:
+                out[k.removeprefix("metric.")] = float(v)
+            except ValueError:
+                pass
+    return out
+
+
+def metric_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
+    return {f"metric.{k}": repr(float(v)) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def aliases(client: Any, name: str) -> dict[str, str]:
+    """alias -> version of ``name`` ({} when the registered model does not exist yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        # versions as strings whatever the store returns (sqlite gives ints, the REST API strings)
+        return {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+
+
+def ensure_registered_model(client: Any, name: str, description: str = "") -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description=description or None)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _set_aliases(client: Any, name: str, wanted: dict[str, str | None]) -> None:
+    for alias, version in wanted.items():
+        if version is None:
+            client.delete_registered_model_alias(name, alias)
+        else:
+            client.set_registered_model_alias(name, alias, version)
+
+
+def _restore(client: Any, name: str, before: dict[str, str], touched: list[str]) -> None:
+    """Best effort: put the aliases we touched back where they were (the registry may be gone)."""
+    for alias in touched:
+        try:
+            if alias in before:
+                client.set_registered_model_alias(name, alias, before[alias])
+            else:
+                client.delete_registered_model_alias(name, alias)
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+
+
+def register_and_decide(client: Any, name: str, source: str, run_id: str | None, metrics: Mapping[str, Any],
+                        tags: Mapping[str, str], limits: Limits, metric: str = "score",
+                        description: str = "") -> dict[str, Any]:
+    """Create a version of ``name`` from ``source``, decide, and move the aliases.
+
+    Returns the decision record (also stored as version tags). The champion is read *before*
+    the version is created, so a failure anywhere leaves ``champion`` untouched; the aliases
+    moved so far are restored on error (best effort) and the new version is tagged
+    ``decision=failed``.
+    """
+    ensure_registered_model(client, name, description)
+    before = aliases(client, name)
+    champion_version = before.get(CHAMPION)
+    champion: dict[str, Any] | None = None
+    if champion_version is not None:
+        mv = client.get_model_version(name, champion_version)
+        champion = {**metrics_from_tags(mv.tags), "version": champion_version}
+    decision = decide(metrics, champion, limits, metric, higher_is_better(metric))
+    version_tags = {**tags, **metric_tags(metrics), "decision": "pending",
+                    "decision.reasons": json.dumps(decision.reasons)}
+    mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags, description=description)
+    version = str(mv.version)
+    wanted: dict[str, str | None] = {CHALLENGER: version}
+    if decision.promote:
+        # previous-champion first: if we die between the two calls, champion is still the old one
+        wanted = {PREVIOUS: champion_version, CHAMPION: version, CHALLENGER: version}
+    touched: list[str] = []
+    try:
+        for alias, target in wanted.items():
+            if target is None:
+                if alias in before:
+                    client.delete_registered_model_alias(name, alias)
+                    touched.append(alias)
+                continue
+            touched.append(alias)
+            client.set_registered_model_alias(name, alias, target)
+        if decision.promote and champion_version is not None:
+            client.set_model_version_tag(name, version, "previous_champion", champion_version)
+        client.set_model_version_tag(name, version, "decision", "promoted" if decision.promote else "rejected")
+    except Exception:
+        _restore(client, name, before, touched)
+        try:
+            client.set_model_version_tag(name, version, "decision", "failed")
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+    return {"name": name, "version": version, "promoted": decision.promote, "reasons": decision.reasons,
+            "metric": metric, "score": metrics.get(metric), "previous_champion": champion_version,
+            "champion": version if decision.promote else champion_version,
+            "champion_score": (champion or {}).get(metric)}
+
+
+def rollback(client: Any, name: str) -> dict[str, Any]:
+    """Give ``champion`` back to ``previous-champion``; the chain goes one step further back
+    (the restored version's own ``previous_champion`` tag) so repeated rollbacks keep working."""
+    current = aliases(client, name)
+    if PREVIOUS not in current:
+        raise LookupError(f"registered model {name!r} has no {PREVIOUS!r} alias: nothing to roll back to "
+                          f"(aliases: {current or 'none'})")
+    target = current[PREVIOUS]
+    demoted = current.get(CHAMPION)
+    earlier = client.get_model_version(name, target).tags.get("previous_champion")
+    _set_aliases(client, name, {CHAMPION: target})
+    if earlier and earlier != target:
+        _set_aliases(client, name, {PREVIOUS: earlier})
+    else:
+        _set_aliases(client, name, {PREVIOUS: None})
+    if demoted:
+        client.set_model_version_tag(name, demoted, "decision", f"rolled back to v{target}")
+    return {"name": name, "champion": target, "demoted": demoted, "previous_champion": earlier or None}
+
+
+def status(client: Any, name: str) -> dict[str, Any]:
+    """Aliases and every version with its score and decision (newest first)."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    rows = []
+    for mv in sorted(versions, key=lambda m: int(m.version), reverse=True):
+        rows.append({"version": str(mv.version), "method": mv.tags.get("method", ""),
+                     "score": metrics_from_tags(mv.tags).get("score"), "decision": mv.tags.get("decision", ""),
+                     "created": mv.creation_timestamp})
+    return {"name": name, "aliases": aliases(client, name), "versions": rows}

@@ -1,0 +1,96 @@
+"""promote: register the merged model as a new registry version and decide champion/challenger.
+
+The version carries its lineage as tags (method, params hash, git commit, DVC lock hash, base
+model, adapter and plan hashes, metrics). ``data/promote/decision.json`` is written only after
+the registry calls succeeded, so a failed promotion leaves no decision behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+
+from stages.common import runtime
+from stages.common.io import read_json, write_json
+from stages.common.params import load_params
+from stages.common.pipeline import Paths
+from stages.common.registry import Limits, default_name, register_and_decide
+from stages.common.tracking import StageRun, dvc_stage_hashes, git_commit, params_hash, tracking_uri
+
+DECISION = Path("data/promote/decision.json")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def lineage_tags(params_dump: dict, metrics: dict, meta: dict, root: Path) -> dict[str, str]:
+    """Everything needed to say where a registered model came from and to rebuild it."""
+    stages = {k: v for k, v in dvc_stage_hashes(root).items() if k != "promote"}
+    return {
+        "method": meta.get("method", params_dump["method"]["name"]),
+        "task": params_dump["task"]["name"],
+        "main_metric": str(metrics.get("main_metric", "")),
+        "params_hash": params_hash(params_dump),
+        "git_commit": git_commit(root),
+        "dvc_lock_hash": params_hash(stages) if stages else "none",
+        "base_model": meta.get("base_model", params_dump["model"]["name"]),
+        "lineage.base_model_path": str(meta.get("base_model_path", "")),
+        "lineage.adapter_sha256": sha256(Paths.compact / "adapter.safetensors"),
+        "lineage.plan_sha256": sha256(Paths.plan),
+        "lineage.adapter_params": json.dumps(meta.get("parameters", {}), sort_keys=True),
+        **{f"dvc.stage_hash.{k}": v for k, v in stages.items()},
+    }
+
+
+def main() -> None:
+    params = load_params()
+    reg = params.registry
+    dump = params.model_dump()
+    if not reg.enabled:
+        with StageRun("promote", dump) as run:  # still a child run: it closes the pipeline's parent run
+            run.set_tags({"promotion.decision": "disabled"}, parent=True)
+            write_json(DECISION, {"enabled": False, "promoted": False, "reasons": ["registry.enabled is false"]})
+        print("promote: registry.enabled is false; nothing registered")
+        return
+    metrics = read_json(Paths.metrics)
+    meta = read_json(Paths.compact / "lora_sieve.json")
+    if not (Paths.merged_model / "config.json").is_file():
+        raise FileNotFoundError(f"{Paths.merged_model} is missing: run the merge stage")
+    name = reg.name or default_name(params.task.name, params.model.name)
+    limits = Limits(margin=reg.margin, max_adapter_params=reg.max_adapter_params, max_latency_ms=reg.max_latency_ms)
+    with StageRun("promote", dump) as run:
+        tags = lineage_tags(dump, metrics, meta, Path("."))
+        # the model and its compact adapter become artifacts of this run: the version's source
+        run.log_artifact(Paths.merged_model, "model")
+        run.log_artifact(Paths.compact, "adapter")
+        artifact_uri = run.client.get_run(run.run_id).info.artifact_uri.rstrip("/")
+        tags["lineage.adapter_uri"] = f"{artifact_uri}/adapter"
+        tags["mlflow.parent_run"] = run.parent_id or ""
+        try:
+            record = register_and_decide(
+                run.client, name, f"{artifact_uri}/model", run.run_id, metrics, tags, limits,
+                description=f"{params.method.name} on {params.task.name}, base {tags['base_model']}")
+        except MlflowException as exc:
+            # one line for the flow/DVC log; the traceback follows (exit 1: transient, may be retried)
+            print(f"error [promote]: registry at {tracking_uri(Path('.'))} failed during promotion of {name} "
+                  f"({str(exc)[:300]}); aliases it had moved were put back (best effort)", file=sys.stderr)
+            raise
+        run.set_tags({"promotion.name": name, "promotion.version": record["version"],
+                      "promotion.decision": "promoted" if record["promoted"] else "rejected",
+                      "promotion.reasons": json.dumps(record["reasons"])[:5000]}, parent=True)
+        write_json(DECISION, {"enabled": True, **record, "limits": limits.__dict__})
+        verdict = "champion" if record["promoted"] else f"challenger (champion stays v{record['champion']})"
+        print(f"promote: {name} v{record['version']} is {verdict}: " + "; ".join(record["reasons"]))
+
+
+if __name__ == "__main__":
+    runtime.run_stage(main, "promote")
