@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export OMP_WAIT_POLICY := PASSIVE
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
-.PHONY: setup repro test lint bench clean
+.PHONY: setup repro test lint bench flow compare serve clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,15 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/bench_lora.py
+
+flow: setup
+	$(PY) -m flows.pipeline
+
+compare: setup
+	$(PY) -m flows.compare --methods lora lora_drop
+
+serve: setup
+	$(PY) -m flows.serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -101,7 +101,6 @@ def _finetune(params) -> None:
         cfg.select_metric = select_metric(params)
         controller = adapted.method.controller(model, plan, ctx)
         fp = fingerprint(dump, plan)
-        Paths.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out (persistent): exists even when empty
         resume = load_checkpoint(fp)
         if resume is not None:
             print(f"finetune: resuming from step {resume['step']} ({Paths.checkpoint})")

@@ -43,7 +43,8 @@ class Paths:
     adapter = finetune / "adapter.safetensors"
     finetune_summary = finetune / "summary.json"
     history = finetune / "history.csv"
-    checkpoints = root / "checkpoints"
+    # resumable state lives outside DVC's outputs: DVC deletes a stage's outs before rerunning it
+    checkpoints = Path(".lora_sieve") / "checkpoints"
     checkpoint = checkpoints / "finetune.pt"
     merge = root / "merge"
     merged_model = merge / "model"
