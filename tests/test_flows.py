@@ -136,7 +136,6 @@ def test_same_result_as_dvc_repro_with_the_same_params(first):
     assert (first.repo / "data/evaluate/metrics.json").read_text() == before
 
 
-@pytest.mark.skipif(not os.environ.get("LORA_SIEVE_FULL"), reason="recomputes the pipeline: set LORA_SIEVE_FULL=1")
 def test_fresh_dvc_repro_gives_the_same_metrics(first, tmp_path):
     """A separate workspace, plain `dvc repro`, same params: the same numbers (timings aside)."""
     other = scratch_repo(tmp_path / "repro")
