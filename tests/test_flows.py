@@ -147,9 +147,9 @@ def test_fresh_dvc_repro_gives_the_same_metrics(first, tmp_path):
     exact = {k for k, v in ours.items() if k not in timing and not isinstance(v, float)}
     assert {k: theirs[k] for k in exact} == {k: ours[k] for k in exact}  # plan, parameter counts, metric name
     # The tiny test model sits near chance, where run-to-run float differences of multi-threaded CPU
-    # GEMMs can flip a prediction; allow one dev example (of 96) either way, nothing more.
+    # GEMMs can flip a prediction; allow two dev examples (of 96) either way, nothing more.
     for k in ("accuracy", "score"):
-        assert abs(theirs[k] - ours[k]) <= 1 / 96 + 1e-9, (k, theirs[k], ours[k])
+        assert abs(theirs[k] - ours[k]) <= 2 / 96 + 1e-9, (k, theirs[k], ours[k])
 
 
 def test_second_run_skips_every_stage_visibly(first, client):
