@@ -20,19 +20,15 @@ from torch import nn
 
 from lora_ops import distributed as dist
 from lora_ops.adapters.adalora import AdaLoRALinear
-from lora_ops.adapters.base import AdapterLayer, adapter_layers
-from lora_ops.adapters.lora import lora_scale
-from lora_ops.methods.base import Method, MethodContext, register
-from lora_ops.methods.dora_dr import count_gated
+from lora_ops.methods.allocation import RankAllocationMethod
+from lora_ops.methods.base import MethodContext, register
 from lora_ops.rank_allocation import (
     RankAllocationController,
     StepSpec,
     adalora_budget,
-    allocation_ranks,
     check_step_spec,
     resolve_step,
 )
-from lora_ops.targets import Target, inject
 
 
 class AdaLoRAParams(BaseModel):
@@ -192,37 +188,12 @@ class AdaLoRAController(RankAllocationController):
 
 
 @register
-class AdaLoRA(Method):
+class AdaLoRA(RankAllocationMethod):
     name = "adalora"
     description = "AdaLoRA: SVD-shaped triplets, sensitivity x uncertainty scores, global cubic budget"
     params_model = AdaLoRAParams
-
-    def ranks(self, ctx: MethodContext) -> tuple[int, int]:
-        p: AdaLoRAParams = ctx.params  # type: ignore[assignment]
-        return allocation_ranks(ctx.adapter.rank, p.initial_rank_factor, p.initial_rank)
-
-    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
-        r0, rt = self.ranks(ctx)
-        plan = super().decide(scores, targets, ctx)
-        for entry in plan["modules"].values():
-            entry["initial_rank"] = r0
-        plan.update({"initial_rank": r0, "target_rank": rt, "target_budget": rt * len(plan["modules"]),
-                     "schedule": ctx.params.model_dump()})
-        return plan
-
-    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
-              ) -> dict[str, AdapterLayer]:
-        r0, _ = self.ranks(ctx)
-        a = ctx.adapter
-        scale = lora_scale(a.alpha, r0, a.rslora)  # alpha / ranknum with ranknum = r0, fixed
-        planned = plan["modules"]
-        return inject(model, targets,
-                      lambda t, lin: AdaLoRALinear(lin, r0, scale, a.dropout) if t.name in planned else None)
+    layer_cls = AdaLoRALinear
 
     def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> AdaLoRAController:
         _, rt = self.ranks(ctx)
-        layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, AdaLoRALinear)}
-        return AdaLoRAController(layers, rt, ctx.params)  # type: ignore[arg-type]
-
-    def parameter_counts(self, model: nn.Module) -> dict[str, int]:
-        return count_gated(model)
+        return AdaLoRAController(self.allocation_layers(model), rt, ctx.params)  # type: ignore[arg-type]

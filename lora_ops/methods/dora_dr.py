@@ -23,20 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from lora_ops import distributed as dist
-from lora_ops.adapters.base import AdapterLayer, adapter_layers
 from lora_ops.adapters.dora_dr import DoRADRLinear, dora_shares
-from lora_ops.adapters.lora import lora_scale
-from lora_ops.methods.base import Method, MethodContext, register
+from lora_ops.methods.allocation import RankAllocationMethod
+from lora_ops.methods.base import MethodContext, register
 from lora_ops.rank_allocation import (
     RankAllocationController,
     StepSpec,
-    allocation_ranks,
     check_step_spec,
     dora_budget,
     dora_pruned_count,
     resolve_step,
 )
-from lora_ops.targets import Target, inject
 
 
 class DoRADRParams(BaseModel):
@@ -184,48 +181,15 @@ def _sum_of_variances(x: torch.Tensor, dim: int) -> torch.Tensor:
     return ((x * x).sum() - x.sum(dim).square().sum() / n) / (n - 1)
 
 
-def count_gated(model: nn.Module) -> dict[str, int]:
-    """trainable M r0 (in+out+1); active = stored = kept components x (in+out) (gate folded into B)."""
-    layers = adapter_layers(model).values()
-    trainable = sum(p.numel() for layer in layers for _, p in layer.adapter_parameters())
-    active = sum(layer.num_active() for layer in layers)
-    return {"trainable": trainable, "active": active, "stored": active}
 
 
 @register
-class DoRADR(Method):
+class DoRADR(RankAllocationMethod):
     name = "dora_dr"
     description = "DoRA (dynamic rank distribution): gated rank-1 components pruned to a global budget in training"
     params_model = DoRADRParams
-
-    def ranks(self, ctx: MethodContext) -> tuple[int, int]:
-        """``(r0, r_target)``; raises before training for impossible budgets."""
-        p: DoRADRParams = ctx.params  # type: ignore[assignment]
-        return allocation_ranks(ctx.adapter.rank, p.initial_rank_factor, p.initial_rank)
-
-    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
-        r0, rt = self.ranks(ctx)
-        plan = super().decide(scores, targets, ctx)
-        for entry in plan["modules"].values():
-            entry["initial_rank"] = r0
-        # final ranks are only known after training: the controller's summary() carries them
-        plan.update({"initial_rank": r0, "target_rank": rt, "target_budget": rt * len(plan["modules"]),
-                     "schedule": ctx.params.model_dump()})
-        return plan
-
-    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
-              ) -> dict[str, AdapterLayer]:
-        r0, _ = self.ranks(ctx)
-        a = ctx.adapter
-        scale = lora_scale(a.alpha, r0, a.rslora)  # alpha / r0 from the initial rank, fixed (spec §5b)
-        planned = plan["modules"]
-        return inject(model, targets,
-                      lambda t, lin: DoRADRLinear(lin, r0, scale, a.dropout) if t.name in planned else None)
+    layer_cls = DoRADRLinear
 
     def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> DoRADRController:
         _, rt = self.ranks(ctx)
-        layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, DoRADRLinear)}
-        return DoRADRController(layers, rt, ctx.params)  # type: ignore[arg-type]
-
-    def parameter_counts(self, model: nn.Module) -> dict[str, int]:
-        return count_gated(model)
+        return DoRADRController(self.allocation_layers(model), rt, ctx.params)  # type: ignore[arg-type]
