@@ -236,7 +236,9 @@ def finish(params, plan: dict, task, run, metrics: dict) -> None:
     counts = plan["parameters"]
     trained = read_json(Paths.finetune_summary)
     metrics.update({
-        "trainable_params": counts["trainable"], "stored_params": counts["stored"],
+        # stored/active are only final after training (rank allocators prune while they train)
+        "trainable_params": counts["trainable"],
+        "stored_params": trained["parameters"].get("stored", counts["stored"]),
         "active_params": trained["parameters"].get("active", counts["active"]),
         "plain_lora_params": counts["plain_lora"],
         "trainable_ratio_to_lora": counts["trainable"] / counts["plain_lora"],
