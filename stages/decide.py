@@ -16,10 +16,11 @@ def main() -> None:
         from lora_ops.targets import find_targets
 
         scores = read_records(Paths.importance)
-        targets = find_targets(load_base(params).model, params.adapter.targets)
+        loaded = load_base(params)
+        targets = find_targets(loaded.model, params.adapter.targets)
         plan = method.decide(scores, targets, ctx)
-        # count what the plan trains by building it once
-        adapted = build_adapted(params, plan)
+        # count what the plan trains by building it once, on the model already loaded
+        adapted = build_adapted(params, plan, loaded=loaded)
         counts = method.parameter_counts(adapted.model)
         reference = plain_lora_parameters(targets, params.adapter.rank)
         plan["parameters"] = {**counts, "plain_lora": reference,

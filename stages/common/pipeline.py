@@ -124,16 +124,17 @@ class Adapted:
         return self.loaded.model
 
 
-def build_adapted(params: Params, plan: dict[str, Any] | None = None, seed_offset: int = 0) -> Adapted:
-    """Base model + the plan's adapters, backbone frozen, head trainable."""
+def build_adapted(params: Params, plan: dict[str, Any] | None = None, loaded: LoadedModel | None = None
+                  ) -> Adapted:
+    """Base model (``loaded``, or loaded here) + the plan's adapters, backbone frozen, head trainable."""
     method, ctx = method_context(params)
-    loaded = load_base(params)
+    loaded = loaded or load_base(params)
     targets = find_targets(loaded.model, params.adapter.targets)
     if plan is None:
         plan = read_json(Paths.plan)
     if plan.get("method") != method.name:
         raise ValueError(f"plan was made for {plan.get('method')!r}, params select {method.name!r}: rerun decide")
-    runtime.seed_everything(params.seed + seed_offset)  # adapter initialisation is reproducible
+    runtime.seed_everything(params.seed)  # adapter initialisation is reproducible
     method.build(loaded.model, targets, plan, ctx)
     freeze_all_but(loaded.model, loaded.head_modules)
     loaded.model.to(ctx.device)
