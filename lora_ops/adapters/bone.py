@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_ops.adapters.amp import autocast_off, kernel_dtype
 from lora_ops.adapters.base import AdapterLayer
 
 # ----------------------------------------------------------------------------- Bone
@@ -61,11 +62,16 @@ class _FusedBoneLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, block, dropout_p: float):  # type: ignore[override]
+        with autocast_off(x):
+            return _FusedBoneLinear._forward(ctx, x, weight, bias, block, dropout_p, kernel_dtype(x))
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, block, dropout_p, dt):  # type: ignore[no-untyped-def]
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        block = block.to(x2.dtype)
+        x2 = x.reshape(-1, shape[-1]).to(dt)
+        block = block.to(dt)
         b = block.shape[0]
-        y = F.linear(x2, weight, bias)
+        y = F.linear(x2, weight.to(dt), bias.to(dt) if bias is not None else None)
         if dropout_p > 0.0:
             x_drop, keep = torch.native_dropout(x2, dropout_p, True)
         else:
@@ -79,8 +85,13 @@ class _FusedBoneLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        with autocast_off(grad_out):
+            return _FusedBoneLinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         weight, block, s, keep = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(s.dtype)
         grad_x = grad_block = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight.to(g.dtype)
@@ -175,28 +186,44 @@ def _bat_block_grad(weight: torch.Tensor, grad_w: torch.Tensor, b: int) -> torch
     return out
 
 
+def _bat_weight_as(weight: torch.Tensor, block: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """``W'`` built in the weight's precision (fp32 under autocast) and rounded to ``dt`` once:
+    built in bf16, ``W D`` would be lost against ``W``'s rounding while ``D`` is still small."""
+    wdt = torch.promote_types(weight.dtype, dt)
+    return _bat_weight(weight.to(wdt), block.to(wdt)).to(dt)
+
+
 class _FusedBatLinear(torch.autograd.Function):
     """``x W'^T + bias`` as one node; ``W'`` is recomputed in backward instead of being saved."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, block):  # type: ignore[override]
+        with autocast_off(x):
+            return _FusedBatLinear._forward(ctx, x, weight, bias, block, kernel_dtype(x))
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, block, dt):  # type: ignore[no-untyped-def]
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        w_new = _bat_weight(weight.to(x2.dtype), block.to(x2.dtype))
-        y = F.linear(x2, w_new, bias)
-        del w_new  # freed now: the saved tensors below are the input and the small block only
+        x2 = x.reshape(-1, shape[-1]).to(dt)
+        y = F.linear(x2, _bat_weight_as(weight, block, dt), bias.to(dt) if bias is not None else None)
+        # the temporary W' is freed here: the saved tensors are the input and the small block only
         ctx.save_for_backward(x2, weight, block)
         ctx.in_shape = shape
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        with autocast_off(grad_out):
+            return _FusedBatLinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         x2, weight, block = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
         w = weight.to(g.dtype)
         grad_x = grad_block = None
         if ctx.needs_input_grad[0]:
-            w_new = _bat_weight(w, block.to(g.dtype))
+            w_new = _bat_weight_as(weight, block, g.dtype)
             grad_x = (g @ w_new).reshape(ctx.in_shape)
             del w_new
         if ctx.needs_input_grad[3]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_ops.adapters.amp import autocast_off, kernel_dtype
 from lora_ops.adapters.base import AdapterLayer
 
 
@@ -34,27 +35,36 @@ class _FusedLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dropout_p: float, plan: str):  # type: ignore[override]
+        with autocast_off(x):
+            return _FusedLoRALinear._forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, plan,
+                                             kernel_dtype(x))
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, plan, dt):  # type: ignore[no-untyped-def]
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        lora_a = lora_a.to(x2.dtype)
-        lora_b = lora_b.to(x2.dtype)
+        x2 = x.reshape(-1, shape[-1]).to(dt)
+        bias = bias.to(dt) if bias is not None else None
         if plan == "auto":
             tokens, d_in, d_out = x2.shape[0], weight.shape[1], weight.shape[0]
             plan = "merged" if dropout_p == 0.0 and tokens * (d_in + d_out) > d_in * d_out else "branched"
         keep = None
+        # the factors are saved as given (parameters: no copy) and cast again in backward
         if plan == "merged":
-            merged = torch.addmm(weight.to(x2.dtype), lora_b, lora_a, alpha=scale)
+            # W + sBA in the weight's own (fp32) precision, rounded to the compute dtype once: a bf16
+            # addmm would first round W and then lose the small update against it a second time
+            wdt = torch.promote_types(weight.dtype, dt)
+            merged = torch.addmm(weight.to(wdt), lora_b.to(wdt), lora_a.to(wdt), alpha=scale).to(dt)
             y = F.linear(x2, merged, bias)
             x_drop = x2
             xa = None
         else:
-            y = F.linear(x2, weight, bias)
+            y = F.linear(x2, weight.to(dt), bias)
             if dropout_p > 0.0:
                 x_drop, keep = torch.native_dropout(x2, dropout_p, True)
             else:
                 x_drop = x2
-            xa = x_drop @ lora_a.t()
-            y.addmm_(xa, lora_b.t(), alpha=scale)
+            xa = x_drop @ lora_a.to(dt).t()
+            y.addmm_(xa, lora_b.to(dt).t(), alpha=scale)
         ctx.save_for_backward(weight, lora_a, lora_b, x_drop, xa, keep)
         ctx.scale = scale
         ctx.dropout_p = dropout_p
@@ -64,9 +74,16 @@ class _FusedLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        with autocast_off(grad_out):
+            return _FusedLoRALinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         weight, lora_a, lora_b, x_drop, xa, keep = ctx.saved_tensors
         scale, p = ctx.scale, ctx.dropout_p
-        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(x_drop.dtype)
+        a32, b32 = lora_a, lora_b
+        lora_a, lora_b = lora_a.to(g.dtype), lora_b.to(g.dtype)
         # skinny products are computed in the orientation CPU BLAS handles well: the long token
         # dimension as the GEMM's inner/column dimension (measured 3-9x faster than g @ B, g^T @ xa)
         g_b_t = lora_b.t() @ g.t()  # (r, N)
@@ -74,7 +91,9 @@ class _FusedLoRALinear(torch.autograd.Function):
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             if ctx.plan == "merged":
-                grad_x = g @ torch.addmm(weight.to(g.dtype), lora_b, lora_a, alpha=scale)
+                wdt = torch.promote_types(weight.dtype, g.dtype)  # the same W' as in forward
+                merged = torch.addmm(weight.to(wdt), b32.to(wdt), a32.to(wdt), alpha=scale)
+                grad_x = g @ merged.to(g.dtype)
             else:
                 grad_x = g @ weight.to(g.dtype)
                 if keep is None:
