@@ -1,18 +1,45 @@
 """merge: fold the adapters into the base weights (plain HF folder), and save the adapter in its
-compact form (safetensors + JSON plan) and in PEFT format."""
+compact form (safetensors + JSON plan), in PEFT format and, for LoRA-family methods, in a
+serve-safe PEFT form (one global rank and scaling, no ``rank_pattern``/``alpha_pattern``) for
+serving engines that read only the global ``r`` and ``lora_alpha``."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
+from lora_ops.export import PeftExport, serve_safe
 from lora_ops.training import load_trainable_state
 from stages.common import runtime
 from stages.common.io import atomic_path, read_json
 from stages.common.params import load_params
 from stages.common.pipeline import Paths, build_adapted, model_ref
 from stages.common.tracking import StageRun
+
+# the serve-safe PEFT adapter (inside data/merge, so it is part of the stage's DVC output)
+SERVE_SAFE = Paths.merge / "peft_serve"
+
+
+def write_peft(dest: Path, export: PeftExport, base: dict[str, Any], heads: dict[str, torch.Tensor],
+               meta: dict[str, Any]) -> None:
+    """One PEFT folder (written atomically): config, tensors (+ head as ``modules_to_save``), our metadata."""
+    config = {**export.config, **base}
+    tensors = {**export.tensors, **{f"base_model.model.{k}": v.clone().contiguous() for k, v in heads.items()}}
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "lora_sieve.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def write_not_exported(dest: Path, reason: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        (tmp / "NOT_EXPORTED.txt").write_text(reason + "\n")
 
 
 def main() -> None:
@@ -43,19 +70,27 @@ def main() -> None:
         # 2. PEFT format (shared tensors cloned per module; head as modules_to_save)
         head_tensors = {k: v for k, v in state.items() if any(k.startswith(h + ".") for h in heads)}
         export = None if method.no_peft_export_reason else method.export_peft(model, plan, ctx)
-        with atomic_path(Paths.peft) as tmp:
-            tmp.mkdir()
-            if export is None:
-                (tmp / "NOT_EXPORTED.txt").write_text(f"{method.name}: {method.no_peft_export_reason}\n")
-            else:
-                config = {**export.config, "base_model_name_or_path": ref.path,
-                          "task_type": "CAUSAL_LM" if adapted.loaded.kind == "causal_lm" else "SEQ_CLS",
-                          "modules_to_save": heads or None}
-                tensors = {**export.tensors,
-                           **{f"base_model.model.{k}": v.clone().contiguous() for k, v in head_tensors.items()}}
-                (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-                save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-                (tmp / "lora_sieve.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        base = {"base_model_name_or_path": ref.path,
+                "task_type": "CAUSAL_LM" if adapted.loaded.kind == "causal_lm" else "SEQ_CLS",
+                "modules_to_save": heads or None}
+        if export is None:
+            write_not_exported(Paths.peft, f"{method.name}: {method.no_peft_export_reason}")
+        else:
+            write_peft(Paths.peft, export, base, head_tensors, meta)
+
+        # 2b. serve-safe PEFT LoRA: every module at the largest rank (zero-padded), per-module scaling
+        # folded into B, so loaders that ignore rank_pattern/alpha_pattern still compute the same model
+        if export is None or export.config.get("peft_type") != "LORA":
+            why = (method.no_peft_export_reason if export is None
+                   else f"the PEFT export is {export.config.get('peft_type')}, not LoRA: it has no rank/alpha patterns")
+            write_not_exported(SERVE_SAFE, f"{method.name}: {why}")
+        else:
+            safe, report = serve_safe(export)
+            write_peft(SERVE_SAFE, safe, base, head_tensors, {**meta, "serve_safe": report})
+            print(f"merge: serve-safe adapter -> {SERVE_SAFE} (r={report['r']}, lora_alpha={report['lora_alpha']:g}; "
+                  f"zero padding {report['padding_bytes']:,} bytes of {report['lora_bytes']:,})")
+            run.log_metrics({"serve_safe.padding_bytes": report["padding_bytes"],
+                             "serve_safe.lora_bytes": report["lora_bytes"], "serve_safe.r": report["r"]})
 
         # 3. method-specific deployable forms (e.g. blora's integer factors + scales)
         for name, (tensors, extra_meta) in method.extra_exports(model, plan, ctx).items():
@@ -74,7 +109,8 @@ def main() -> None:
         run.log_metrics({f"params.{k}": v for k, v in meta["parameters"].items()})
         run.log_artifact(Paths.compact, "adapter")
         run.log_artifact(Paths.peft, "peft")
-        print(f"merge: merged model -> {Paths.merged_model}; adapter -> {Paths.compact}, {Paths.peft}")
+        run.log_artifact(SERVE_SAFE, "peft_serve")
+        print(f"merge: merged model -> {Paths.merged_model}; adapter -> {Paths.compact}, {Paths.peft}, {SERVE_SAFE}")
 
 
 if __name__ == "__main__":

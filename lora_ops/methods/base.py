@@ -26,6 +26,7 @@ from torch import nn
 
 from lora_ops.adapters.base import AdapterLayer, adapter_layers
 from lora_ops.data import BatchSource
+from lora_ops.export import PeftExport, export_lora_family
 from lora_ops.targets import Target
 from lora_ops.training.controller import Controller
 from lora_ops.training.loop import TrainConfig
@@ -56,14 +57,6 @@ class MethodContext:
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 32
-
-
-@dataclass
-class PeftExport:
-    """An adapter in PEFT's on-disk form (written by the merge stage)."""
-
-    config: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
 
 
 class Method:
@@ -142,8 +135,6 @@ class Method:
         return {}
 
     def export_peft(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> PeftExport:
-        from lora_ops.export import export_lora_family
-
         return export_lora_family(model)
 
 
