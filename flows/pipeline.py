@@ -40,7 +40,7 @@ from prefect import flow, get_run_logger, task
 from stages.common.params import ConfigError, Params, load_params
 from stages.common.tracking import flatten, git_commit, params_hash, tracking_uri
 
-STAGES = ["prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate", "promote"]
+STAGES = ["resolve", "prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate", "promote"]
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_BAD_INPUT = 2  # stages exit 2 on bad input (stages/common/runtime.py): retrying cannot help
 STATE_DIR = ".lora_sieve"
@@ -310,7 +310,8 @@ def pipeline(overrides: dict[str, Any] | None = None, repo: str = str(ROOT), sta
             statuses: dict[str, str] = {}
             for stage in selected:
                 statuses[stage] = run_stage.with_options(retries=retries)(stage, str(root), env)
-            metrics = _read_json(root / "data" / "evaluate" / "metrics.json")
+            metrics = {**_read_json(root / "data" / "evaluate" / "metrics.json"),
+                       **_read_json(root / "data" / "evaluate" / "timings.json")}
             decision = _read_json(root / "data" / "promote" / "decision.json")
             summary = _read_json(root / "data" / "finetune" / "summary.json")
             finetune = {k: summary.get(k) for k in ("steps", "seconds", "peak_rss_mb", "peak_cuda_mb")}

@@ -7,16 +7,23 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 from lora_ops.training import load_trainable_state
 from stages.common import runtime
-from stages.common.io import atomic_path, read_json, read_parquet, write_json
+from stages.common.io import (
+    atomic_path,
+    check_model_folder,
+    read_json,
+    read_parquet,
+    read_safetensors,
+    write_json,
+)
 from stages.common.params import load_params
 from stages.common.pipeline import (
     Paths,
     build_adapted,
     latency_per_batch,
+    lm_loss,
     predict,
     task_metrics,
     task_of,
@@ -24,6 +31,8 @@ from stages.common.pipeline import (
 )
 from stages.common.tracking import StageRun
 
+TIMING_KEYS = ("latency_merged_ms", "latency_unmerged_ms", "latency_dense_ms", "latency_ratio_to_dense",
+               "train_seconds", "peak_rss_mb")
 DIFF_EXAMPLES = 256  # unmerged-vs-merged comparison sample (the full dev set adds time, not information)
 
 
@@ -141,7 +150,7 @@ def load_merged_lm(path: Path):
     config = json.loads((path / "config.json").read_text())
     if "lora_sieve_pruning" in config:
         return load_pruned_model(path), not config["lora_sieve_pruning"].get("stock_loadable", False)
-    return AutoModelForCausalLM.from_pretrained(str(path)), False
+    return AutoModelForCausalLM.from_pretrained(str(check_model_folder(path)), use_safetensors=True), False
 
 
 def evaluate_lm(params, plan: dict, device: str) -> dict:
@@ -157,11 +166,14 @@ def evaluate_lm(params, plan: dict, device: str) -> dict:
     merged, needs_loader = load_merged_lm(Paths.merged_model)
     merged.to(device).eval()
     adapted = build_adapted(params, plan)
-    load_trainable_state(adapted.model, load_file(str(Paths.adapter)))
+    load_trainable_state(adapted.model, read_safetensors(Paths.adapter))
     tok = adapted.loaded.tokenizer
     need = pe.window * pe.windows
     corpora = {name: corpus_tokens(load_corpus(name, mirror_path(params)), tok, need) for name in ("wikitext2", "ptb")}
     metrics: dict = {"ppl_window": pe.window, "ppl_windows": pe.windows, "needs_lora_sieve_loader": needs_loader}
+    validation = tokenize(read_parquet(Paths.validation), task_of(params), tok, params.model.max_length)
+    metrics.update({f"validation_{k}": v for k, v in
+                    lm_loss(merged, validation, params.evaluate.batch_size, device).items()})
     for name, ids in corpora.items():
         metrics[f"{name}_ppl"] = perplexity(merged, ids, pe.window, pe.windows, device=device)["ppl"]
     probe = corpora["wikitext2"][: pe.window].unsqueeze(0).to(device)
@@ -171,12 +183,15 @@ def evaluate_lm(params, plan: dict, device: str) -> dict:
     latency_input = {"input_ids": probe}
     metrics["params_merged"] = sum(p.numel() for p in merged.parameters())
     metrics["latency_merged_ms"] = 1000 * _latency(merged, latency_input)
+    # the unadapted base model is the trivial predictor of a causal LM: always measured
+    dense = load_base(params).model.to(device).eval()
+    for name, ids in corpora.items():
+        metrics[f"dense_{name}_ppl"] = perplexity(dense, ids, pe.window, pe.windows, device=device)["ppl"]
+    metrics["trivial_predictor"] = "the unadapted base model"
+    metrics["trivial_score"] = metrics["dense_wikitext2_ppl"]
     if pe.dense_baseline:
-        dense = load_base(params).model.to(device).eval()
         metrics["params_dense"] = sum(p.numel() for p in dense.parameters())
         metrics["latency_dense_ms"] = 1000 * _latency(dense, latency_input)
-        for name, ids in corpora.items():
-            metrics[f"dense_{name}_ppl"] = perplexity(dense, ids, pe.window, pe.windows, device=device)["ppl"]
         metrics["params_ratio_to_dense"] = metrics["params_merged"] / metrics["params_dense"]
         metrics["latency_ratio_to_dense"] = metrics["latency_merged_ms"] / metrics["latency_dense_ms"]
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -196,6 +211,31 @@ def _latency(model, inputs: dict, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def trivial_baseline(task, logits: torch.Tensor, train_labels: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The trivial predictor on the reported split and whether the model is any better than it.
+
+    Classification: always the training split's majority class; regression: always the training
+    mean (a constant has no correlation with anything: its Pearson/Spearman count as 0). Also
+    flags a model whose predictions are constant, whatever its score.
+    """
+    if task.is_regression:
+        trivial = {name: 0.0 for name in task.metrics}
+        pred = logits.squeeze(-1)
+        constant = bool(pred.numel() < 2 or float(pred.std()) < 1e-6 * max(1.0, float(pred.abs().mean())))
+        description = f"constant training mean {float(train_labels.float().mean()):.4f}"
+    else:
+        majority = int(torch.bincount(train_labels.long()).argmax())
+        trivial = task_metrics(task, torch.nn.functional.one_hot(torch.full_like(labels, majority),
+                                                                 task.num_labels).float(), labels)
+        pred = logits.argmax(-1)
+        constant = bool(torch.unique(pred).numel() < 2)
+        description = f"always class {majority} (training majority)"
+    main = task.main_metric
+    return {"trivial_predictor": description, "trivial_score": trivial[main],
+            **{f"trivial_{k}": v for k, v in trivial.items()},
+            "constant_predictions": constant}
+
+
 def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -212,12 +252,20 @@ def main() -> None:
         if is_lm(task):
             finish(params, plan, task, run, evaluate_lm(params, plan, device))
             return
-        merged = AutoModelForSequenceClassification.from_pretrained(str(Paths.merged_model)).to(device).eval()
+        merged = AutoModelForSequenceClassification.from_pretrained(
+            str(check_model_folder(Paths.merged_model)), use_safetensors=True).to(device).eval()
         adapted = build_adapted(params, plan)
-        load_trainable_state(adapted.model, load_file(str(Paths.adapter)))
-        dev = tokenize(read_parquet(Paths.dev), task, adapted.loaded.tokenizer, params.model.max_length)
+        load_trainable_state(adapted.model, read_safetensors(Paths.adapter))
+        tok = adapted.loaded.tokenizer
+        dev = tokenize(read_parquet(Paths.dev), task, tok, params.model.max_length)
+        validation = tokenize(read_parquet(Paths.validation), task, tok, params.model.max_length)
+        # dev is the reported split; validation (carved from train) is what selected the epoch
         logits = predict(merged, dev, bs, device)
-        metrics = task_metrics(task, logits, dev["labels"])
+        metrics = {f"dev_{k}": v for k, v in task_metrics(task, logits, dev["labels"]).items()}
+        val_logits = predict(merged, validation, bs, device)
+        metrics.update({f"validation_{k}": v for k, v in task_metrics(task, val_logits, validation["labels"]).items()})
+        train_labels = torch.tensor(read_parquet(Paths.train)["label"].to_numpy())
+        metrics.update(trivial_baseline(task, logits, train_labels, dev["labels"]))
         sample = {k: v[:DIFF_EXAMPLES] for k, v in dev.items()}
         unmerged_logits = predict(adapted.model, sample, bs, device)
         metrics["max_abs_diff_unmerged_vs_merged"] = (unmerged_logits - logits[:DIFF_EXAMPLES]).abs().max().item()
@@ -245,8 +293,25 @@ def finish(params, plan: dict, task, run, metrics: dict) -> None:
         "train_seconds": trained["seconds"],
     })
     metrics["main_metric"] = task.main_metric
-    metrics["score"] = metrics[task.main_metric]
+    lower_better = getattr(task, "lower_is_better", False)
+    metrics["score"] = metrics[task.main_metric if task.main_metric in metrics else f"dev_{task.main_metric}"]
+    metrics["score_split"] = "test corpora" if lower_better else "dev"
+    metrics["selection_split"] = "validation (carved from train)"
+    metrics["best_validation"] = trained.get("best", {}).get("value")
+    if metrics.get("trivial_score") is not None:
+        gap = metrics["score"] - metrics["trivial_score"]
+        metrics["gain_over_trivial"] = -gap if lower_better else gap
+        if metrics.get("constant_predictions") or metrics["gain_over_trivial"] <= 0:
+            print(f"evaluate: WARNING the model is no better than the trivial predictor "
+                  f"({metrics.get('trivial_predictor')}): {task.main_metric} {metrics['score']:.4f} vs "
+                  f"{metrics['trivial_score']:.4f}" + ("; its predictions are constant"
+                                                       if metrics.get("constant_predictions") else ""))
+    # wall-clock and memory readings differ run to run: they go to timings.json so that
+    # metrics.json is byte-identical across reruns of the same params on the same machine
+    timings = {k: metrics.pop(k) for k in sorted(metrics) if k in TIMING_KEYS}
     write_json(Paths.metrics, metrics)
+    write_json(Paths.timings, timings)
+    metrics = {**metrics, **timings}
     Paths.plots.mkdir(parents=True, exist_ok=True)
     plot_loss(pd.read_csv(Paths.history), Paths.plots / "training_loss.png")
     scores = read_parquet(Paths.importance)
@@ -259,10 +324,15 @@ def finish(params, plan: dict, task, run, metrics: dict) -> None:
         [{"module": m, "rank": r} for m, r in summary.get("ranks", {}).items()]
     plot_structure(structure, params.method.name, Paths.plots / "structure.png")
     run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, parent=True)
-    run.set_tags({"main_metric": task.main_metric}, parent=True)
+    run.set_tags({"main_metric": task.main_metric,
+                  "no_better_than_trivial": str(bool(metrics.get("constant_predictions"))
+                                                or metrics.get("gain_over_trivial", 1.0) <= 0).lower()},
+                 parent=True)
     run.log_artifact(Paths.metrics)
+    run.log_artifact(Paths.timings)
     run.log_artifact(Paths.plots, "plots")
-    shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in task.metrics)
+    shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in task.metrics if k in metrics) or \
+        ", ".join(f"dev {k}={metrics['dev_' + k]:.4f}" for k in task.metrics)
     print(f"evaluate: {shown}; trainable {counts['trainable']:,} adapter params "
           f"({metrics['trainable_ratio_to_lora']:.1%} of LoRA); max |unmerged-merged| "
           f"{metrics['max_abs_diff_unmerged_vs_merged']:.2e}")

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from lora_ops import distributed as dist
 from lora_ops.data import BatchSource
 from lora_ops.training import train, trainable_state
-from stages.common import runtime
+from stages.common import runtime, shapes
+from stages.common.checkpoint import CheckpointUnreadable, load_checkpoint, remove_checkpoint, save_checkpoint
 from stages.common.io import atomic_path, read_json, read_parquet, write_json
 from stages.common.params import load_params
 from stages.common.pipeline import Paths, build_adapted, evaluate_features, select_metric, task_of, tokenize
@@ -30,14 +31,14 @@ def fingerprint(params_dump: dict, plan: dict) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
-def load_checkpoint(expected: str) -> dict | None:
-    if not Paths.checkpoint.is_file():
-        return None
+def resume_state(expected: str) -> dict | None:
+    """The checkpoint this run may resume from, or None (none, damaged, or another run's)."""
     try:
-        state = torch.load(Paths.checkpoint, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or foreign file: say so and start over rather than crash
-        print(f"finetune: checkpoint {Paths.checkpoint} is unreadable ({type(exc).__name__}); starting over",
-              file=sys.stderr)
+        state = load_checkpoint(Paths.checkpoint)
+    except CheckpointUnreadable as exc:  # truncated or foreign: say so and start over rather than crash
+        print(f"finetune: {exc}; starting over", file=sys.stderr)
+        return None
+    if state is None:
         return None
     if state.get("fingerprint") != expected:
         print("finetune: checkpoint belongs to other params or plan; starting over", file=sys.stderr)
@@ -66,6 +67,7 @@ def init_distributed(backend: str) -> None:
 
 def main() -> None:
     params = load_params()
+    shapes.check_model_shapes(params)  # impossible for this model (rank > width...): fail before training
     under_torchrun = "LOCAL_RANK" in os.environ
     if params.distributed.processes > 1 and not under_torchrun:
         code = launch_torchrun(params.distributed.processes)
@@ -93,29 +95,33 @@ def _finetune(params) -> None:
         model, ctx, device = adapted.model, adapted.ctx, adapted.ctx.device
         tok = adapted.loaded.tokenizer
         train_f = tokenize(read_parquet(Paths.train), task, tok, params.model.max_length)
-        dev_f = tokenize(read_parquet(Paths.dev), task, tok, params.model.max_length)
+        # model selection sees only the validation split carved from the training data; dev is reported
+        # by evaluate and never read here
+        val_f = tokenize(read_parquet(Paths.validation), task, tok, params.model.max_length)
         # every rank takes its slice of the same global batch (params.train.batch_size)
-        data = BatchSource(train_f, params.train.batch_size, seed=params.seed, rank=dist.rank(),
-                           world_size=dist.world_size())
+        data = BatchSource(train_f, params.train.batch_size, seed=runtime.derive_seed(params.seed, "data") % 2**31,
+                           rank=dist.rank(), world_size=dist.world_size(),
+                           group_by_length=params.train.group_by_length,
+                           pad_to_multiple_of=params.train.pad_to_multiple_of)
         cfg = ctx.train
         cfg.select_metric = select_metric(params)
         controller = adapted.method.controller(model, plan, ctx)
         fp = fingerprint(dump, plan)
-        resume = load_checkpoint(fp)
+        resume = resume_state(fp)
         if resume is not None:
             print(f"finetune: resuming from step {resume['step']} ({Paths.checkpoint})")
 
-        def save_checkpoint(state: dict) -> None:
+        def write_checkpoint(state: dict) -> None:
             if not dist.is_main():  # ranks hold identical adapters: one writer
                 return
             state["fingerprint"] = fp
-            with atomic_path(Paths.checkpoint) as tmp:
-                torch.save(state, tmp)
+            save_checkpoint(Paths.checkpoint, state)
 
-        runtime.seed_everything(params.seed + dist.rank())  # independent dropout masks per rank
+        # dropout masks: one seeded stream per rank (a resumed run restores the stream's state)
+        runtime.seed_everything(runtime.derive_seed(params.seed, "dropout", dist.rank()))
         result = train(model, data, cfg, controller=controller,
-                       evaluate=lambda m: evaluate_features(m, dev_f, task, params.evaluate.batch_size, device),
-                       on_checkpoint=save_checkpoint, resume=resume, device=device)
+                       evaluate=lambda m: evaluate_features(m, val_f, task, params.evaluate.batch_size, device),
+                       on_checkpoint=write_checkpoint, resume=resume, device=device)
         if not dist.is_main():
             return
         state = {k: v.contiguous() for k, v in trainable_state(model).items()}
@@ -134,14 +140,16 @@ def _finetune(params) -> None:
         with atomic_path(Paths.history) as tmp:
             history.to_csv(tmp, index=False)
         write_json(Paths.finetune_summary, summary)
-        Paths.checkpoint.unlink(missing_ok=True)  # finished: the next run starts clean
+        remove_checkpoint(Paths.checkpoint)  # finished: the next run starts clean
         run.log_history(result.history)
         for e in result.evals:
-            run.log_metrics({f"dev_{k}": v for k, v in e.items() if k not in ("step", "epoch")}, step=e["step"])
+            run.log_metrics({f"validation_{k}": v for k, v in e.items() if k not in ("step", "epoch")},
+                            step=e["step"])
         run.log_metrics({"train_seconds": result.seconds, "peak_rss_mb": peak_rss_mb,
-                         f"best_dev_{cfg.select_metric}": result.best.get("value", float("nan"))}, parent=True)
+                         f"best_validation_{cfg.select_metric}": result.best.get("value", float("nan"))},
+                        parent=True)
         run.log_artifact(Paths.finetune_summary)
-        print(f"finetune: {result.steps} steps in {result.seconds:.0f}s; best dev {cfg.select_metric} "
+        print(f"finetune: {result.steps} steps in {result.seconds:.0f}s; best validation {cfg.select_metric} "
               f"{result.best.get('value', float('nan')):.4f} at epoch {result.best.get('epoch')}")
         if os.environ.get("LORA_SIEVE_DEBUG"):
             print(json.dumps(summary["best"]))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from stages.common import runtime
+from stages.common import runtime, shapes
 from stages.common.glue import load_split
 from stages.common.io import write_json, write_parquet
 from stages.common.lm import load_instructions
@@ -25,6 +25,27 @@ def _subsample(df, size, seed):
         return df
     labels = torch.tensor(df["label"].to_numpy())
     return df.iloc[stratified_indices(labels, size, seed).numpy()].reset_index(drop=True)
+
+
+def carve_validation(df, size, seed):
+    """(validation, rest): a stratified, seeded selection split taken out of the training split.
+
+    Model selection (best epoch, early stopping, lr sweeps) uses it; the task's dev split is only
+    ever reported. The rest is what ``train_size`` is drawn from, so the two never overlap.
+    """
+    from lora_ops.data import stratified_indices
+
+    if len(df) < 2:
+        raise ValueError(f"the training split has {len(df)} rows: too few to carve a validation split")
+    labels = torch.tensor(df["label"].to_numpy())
+    count = round(size * len(df)) if isinstance(size, float) else int(size)
+    if count >= len(df):
+        raise ValueError(f"data.validation_size {size} takes all {len(df)} training rows: lower it")
+    chosen = stratified_indices(labels, size, seed)
+    keep = torch.ones(len(df), dtype=torch.bool)
+    keep[chosen] = False
+    return (df.iloc[chosen.numpy()].reset_index(drop=True),
+            df.iloc[torch.nonzero(keep).flatten().numpy()].reset_index(drop=True))
 
 
 def _fingerprint(path: str) -> str:
@@ -46,6 +67,7 @@ def main() -> None:
     params = load_params()
     task = task_of(params)
     ref = resolve_model(params.model.name)
+    shapes.check_model_shapes(params, ref.path)  # impossible for this model: fail before anything is written
     with StageRun("prepare", params.model_dump()) as run:
         mirror = mirror_path(params)
         if is_lm(task):
@@ -55,20 +77,24 @@ def main() -> None:
             dev_rows, train_rows = rows.iloc[:n_dev].reset_index(drop=True), rows.iloc[n_dev:].reset_index(drop=True)
         else:
             train_rows, dev_rows = load_split(task, "train", mirror), load_split(task, "dev", mirror)
-        train = _subsample(train_rows, params.data.train_size, params.seed)
+        validation, rest = carve_validation(train_rows, params.data.validation_size,
+                                            runtime.derive_seed(params.seed, "validation") % 2**31)
+        train = _subsample(rest, params.data.train_size, params.seed)
         dev = _subsample(dev_rows, params.data.dev_size, params.seed + 1)
         write_parquet(Paths.train, train)
+        write_parquet(Paths.validation, validation)
         write_parquet(Paths.dev, dev)
         info = {"name": ref.name, "path": ref.path, "source": ref.source, "fingerprint": _fingerprint(ref.path),
                 "task": task.name, "kind": getattr(task, "kind", "classification"), "num_labels": task.num_labels, "fields": list(task.fields),
                 "metrics": list(task.metrics), "main_metric": task.main_metric,
-                "train_rows": len(train), "dev_rows": len(dev)}
+                "train_rows": len(train), "validation_rows": len(validation), "dev_rows": len(dev)}
         write_json(Paths.model_ref, info)
-        run.log_metrics({"train_rows": len(train), "dev_rows": len(dev)})
+        run.log_metrics({"train_rows": len(train), "validation_rows": len(validation), "dev_rows": len(dev)})
         if not task.is_regression and not is_lm(task):
             run.log_metrics({f"train_label_share_{k}": v for k, v in
                              train["label"].value_counts(normalize=True).items()})
-        print(f"prepare: {task.name} train={len(train)} dev={len(dev)}; model {ref.name} ({ref.source})")
+        print(f"prepare: {task.name} train={len(train)} validation={len(validation)} (selection) "
+              f"dev={len(dev)} (reported only); model {ref.name} ({ref.source})")
 
 
 if __name__ == "__main__":

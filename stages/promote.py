@@ -1,8 +1,13 @@
-"""promote: register the merged model as a new registry version and decide champion/challenger.
+"""promote: log the merged model as an MLflow Model, register it as a new registry version and
+decide champion/challenger.
 
-The version carries its lineage as tags (method, params hash, git commit, DVC lock hash, base
-model, adapter and plan hashes, metrics). ``data/promote/decision.json`` is written only after
-the registry calls succeeded, so a failed promotion leaves no decision behind.
+The merged folder is logged with MLflow's ``transformers`` flavour as a pipeline of the task's kind
+(see :mod:`stages.common.serving`), so ``mlflow.pyfunc.load_model("models:/<name>@champion")`` and
+``mlflow models serve`` work on the version; the compact, PEFT and serve-safe PEFT adapters are
+artifacts of the same run, and the version's description is a short model card. The version
+carries its lineage as tags (method, params hash, git commit, DVC lock hash, base model, adapter
+and plan hashes, metrics). ``data/promote/decision.json`` is written only after the registry calls
+succeeded, so a failed promotion leaves no decision behind.
 """
 
 from __future__ import annotations
@@ -14,14 +19,15 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from stages.common import runtime
-from stages.common.io import read_json, write_json
+from stages.common import runtime, serving
+from stages.common.io import read_json, read_parquet, write_json
 from stages.common.params import load_params
-from stages.common.pipeline import Paths
+from stages.common.pipeline import Paths, read_metrics, task_of
 from stages.common.registry import Limits, default_name, register_and_decide
 from stages.common.tracking import StageRun, dvc_stage_hashes, git_commit, params_hash, tracking_uri
 
 DECISION = Path("data/promote/decision.json")
+SERVE_SAFE = Paths.merge / "peft_serve"  # written by the merge stage (stages/merge.py)
 
 
 def sha256(path: Path) -> str:
@@ -51,6 +57,13 @@ def lineage_tags(params_dump: dict, metrics: dict, meta: dict, root: Path) -> di
     }
 
 
+def adapter_bytes() -> dict[str, int]:
+    """On-disk size of each adapter form the merge stage wrote (for the model card)."""
+    files = {"compact": Paths.compact / "adapter.safetensors", "peft": Paths.peft / "adapter_model.safetensors",
+             "peft_serve": SERVE_SAFE / "adapter_model.safetensors"}
+    return {k: p.stat().st_size for k, p in files.items() if p.is_file()}
+
+
 def main() -> None:
     params = load_params()
     reg = params.registry
@@ -61,24 +74,36 @@ def main() -> None:
             write_json(DECISION, {"enabled": False, "promoted": False, "reasons": ["registry.enabled is false"]})
         print("promote: registry.enabled is false; nothing registered")
         return
-    metrics = read_json(Paths.metrics)
+    metrics = read_metrics()
     meta = read_json(Paths.compact / "lora_sieve.json")
     if not (Paths.merged_model / "config.json").is_file():
         raise FileNotFoundError(f"{Paths.merged_model} is missing: run the merge stage")
     name = reg.name or default_name(params.task.name, params.model.name)
-    limits = Limits(margin=reg.margin, max_adapter_params=reg.max_adapter_params, max_latency_ms=reg.max_latency_ms)
+    limits = Limits(margin=reg.margin, max_adapter_params=reg.max_adapter_params, max_latency_ms=reg.max_latency_ms,
+                    min_gain_over_trivial=reg.min_gain_over_trivial)
     with StageRun("promote", dump) as run:
         tags = lineage_tags(dump, metrics, meta, Path("."))
-        # the model and its compact adapter become artifacts of this run: the version's source
-        run.log_artifact(Paths.merged_model, "model")
+        # the merged model as an MLflow Model (the version's source); the adapters ride with the run
+        task = task_of(params)
+        dev = read_parquet(Paths.dev) if Paths.dev.is_file() else None
+        served = serving.build(Paths.merged_model, task, dev)
+        info = serving.log(served, Paths.merged_model, run.run_id)
         run.log_artifact(Paths.compact, "adapter")
+        run.log_artifact(Paths.peft, "peft")
+        run.log_artifact(SERVE_SAFE, "peft_serve")
         artifact_uri = run.client.get_run(run.run_id).info.artifact_uri.rstrip("/")
         tags["lineage.adapter_uri"] = f"{artifact_uri}/adapter"
         tags["mlflow.parent_run"] = run.parent_id or ""
+        tags["serving.task"] = served.hf_task
+        tags["serving.model_id"] = info.model_id
+        card = serving.model_card(name, task, tags["method"], tags["base_model"], metrics,
+                                  meta.get("parameters", {}), adapter_bytes(), served, run.run_id)
         try:
             record = register_and_decide(
-                run.client, name, f"{artifact_uri}/model", run.run_id, metrics, tags, limits,
-                description=f"{params.method.name} on {params.task.name}, base {tags['base_model']}")
+                run.client, name, info.model_uri, run.run_id, metrics, tags, limits, description=card,
+                model_id=info.model_id,
+                model_description=f"{params.task.name} on {params.model.name}: one version per pipeline run; "
+                                  "aliases champion / challenger / previous-champion")
         except MlflowException as exc:
             # one line for the flow/DVC log; the traceback follows (exit 1: transient, may be retried)
             print(f"error [promote]: registry at {tracking_uri(Path('.'))} failed during promotion of {name} "

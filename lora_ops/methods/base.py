@@ -67,6 +67,10 @@ class Method:
     #: pydantic model of the method's own section in params.yaml (``params[<name>]``)
     params_model: ClassVar[type[BaseModel]] = NoParams
     needs_calibration: ClassVar[bool] = False
+    #: which keys of the method's params section each pipeline stage reads (stage -> keys). A stage
+    #: not listed reads the whole section. The resolve stage writes one settings file per stage from
+    #: this, so DVC reruns only the stages whose settings a params edit really changes.
+    stage_settings: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: why the merge stage writes no PEFT adapter for this method ("" = it writes one)
     no_peft_export_reason: ClassVar[str] = ""
 

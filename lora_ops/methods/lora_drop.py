@@ -39,6 +39,8 @@ class LoRADrop(Method):
     description = "LoRA-drop: output-energy importance, dedicated LoRA for the top modules, one shared LoRA per group"
     params_model = LoRADropParams
     needs_calibration = True
+    # the probe reads probe_*, the plan reads threshold; training and merging follow the plan
+    stage_settings = {"calibrate": ("probe_epochs", "probe_lr"), "decide": ("threshold",), "finetune": ()}
 
     def calibrate(self, model: nn.Module, targets: list[Target], sample: BatchSource,
                   ctx: MethodContext) -> list[dict[str, Any]]:

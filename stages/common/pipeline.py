@@ -28,9 +28,11 @@ class Paths:
     """Every stage output, in one place (dvc.yaml mirrors these)."""
 
     root = Path("data")
+    resolve = root / "resolve"  # the selected method's settings per stage (DVC dependencies)
     prepare = root / "prepare"
     train = prepare / "train.parquet"
     dev = prepare / "dev.parquet"
+    validation = prepare / "validation.parquet"  # carved from the training split: model selection only
     model_ref = prepare / "model.json"
     calibrate = root / "calibrate"
     measurements = calibrate / "measurements.parquet"
@@ -45,13 +47,14 @@ class Paths:
     history = finetune / "history.csv"
     # resumable state lives outside DVC's outputs: DVC deletes a stage's outs before rerunning it
     checkpoints = Path(".lora_sieve") / "checkpoints"
-    checkpoint = checkpoints / "finetune.pt"
+    checkpoint = checkpoints / "finetune.json"  # + finetune.<token>.safetensors (stages/common/checkpoint.py)
     merge = root / "merge"
     merged_model = merge / "model"
     compact = merge / "adapter"
     peft = merge / "peft"
     evaluate = root / "evaluate"
-    metrics = evaluate / "metrics.json"
+    metrics = evaluate / "metrics.json"  # deterministic: quality, sizes, trivial baseline
+    timings = evaluate / "timings.json"  # wall time, latency, memory (differ run to run)
     plots = evaluate / "plots"
 
 
@@ -63,7 +66,8 @@ def method_context(params: Params) -> tuple[Method, MethodContext]:
         params=params.method_params(),
         train=TrainConfig(epochs=t.epochs, lr=t.lr, head_lr=t.head_lr, weight_decay=t.weight_decay,
                           warmup_ratio=t.warmup_ratio, grad_clip=t.grad_clip, max_steps=t.max_steps,
-                          checkpoint_every=t.checkpoint_every),
+                          checkpoint_every=t.checkpoint_every, precision=t.precision,
+                          gradient_checkpointing=t.gradient_checkpointing),
         seed=params.seed,
         device=runtime.device(),
         batch_size=t.batch_size,
@@ -96,6 +100,15 @@ def tokenize(df: pd.DataFrame, task: Task, tokenizer: Any, max_length: int) -> d
     return features
 
 
+def read_metrics(root: Path | str = ".") -> dict[str, Any]:
+    """metrics.json with timings.json merged in (what promote and the flows report)."""
+    root = Path(root)
+    metrics = read_json(root / Paths.metrics)
+    if (root / Paths.timings).is_file():
+        metrics.update(read_json(root / Paths.timings))
+    return metrics
+
+
 def model_ref(params: Params) -> ModelRef:
     info = read_json(Paths.model_ref)
     if info["name"] != params.model.name:
@@ -105,7 +118,10 @@ def model_ref(params: Params) -> ModelRef:
 
 
 def load_base(params: Params) -> LoadedModel:
+    """The base model for the task. A new head is initialised from the run's ``head`` seed stream,
+    so every stage that loads the base (calibrate, decide, finetune, evaluate) gets the same head."""
     task = task_of(params)
+    runtime.seed_everything(runtime.derive_seed(params.seed, "head"))
     if is_lm(task):
         return load_causal_lm(model_ref(params))
     return load_for_classification(model_ref(params), task.num_labels)
@@ -134,23 +150,37 @@ def build_adapted(params: Params, plan: dict[str, Any] | None = None, loaded: Lo
         plan = read_json(Paths.plan)
     if plan.get("method") != method.name:
         raise ValueError(f"plan was made for {plan.get('method')!r}, params select {method.name!r}: rerun decide")
-    runtime.seed_everything(params.seed)  # adapter initialisation is reproducible
+    runtime.seed_everything(runtime.derive_seed(params.seed, "adapter"))  # adapter initialisation
     method.build(loaded.model, targets, plan, ctx)
     freeze_all_but(loaded.model, loaded.head_modules)
     loaded.model.to(ctx.device)
     return Adapted(loaded, method, ctx, targets, plan)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, features: dict[str, torch.Tensor], batch_size: int, device: str) -> torch.Tensor:
+def eval_batches(features: dict[str, torch.Tensor], batch_size: int, group_by_length: bool = True):
+    """Evaluation batches, length-sorted (each padded only to its own longest example)."""
     from lora_ops.data import BatchSource
 
+    return BatchSource(features, batch_size, shuffle=False, group_by_length=group_by_length)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, features: dict[str, torch.Tensor], batch_size: int, device: str,
+            group_by_length: bool = True) -> torch.Tensor:
+    """Logits for every example, in the order of ``features`` (batches run length-sorted)."""
     model.eval()
-    outs = []
-    for batch in BatchSource({k: v for k, v in features.items() if k != "labels"}, batch_size,
-                             shuffle=False).batches():
+    source = eval_batches({k: v for k, v in features.items() if k != "labels"}, batch_size, group_by_length)
+    outs, rows = [], []
+    for idx in source.batch_indices():
+        batch = source.collate(idx)
         outs.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
-    return torch.cat(outs)
+        rows.append(idx)
+    if not outs:
+        raise ValueError("nothing to predict: the evaluation set is empty")
+    logits = torch.cat(outs)
+    ordered = torch.empty_like(logits)
+    ordered[torch.cat(rows)] = logits
+    return ordered
 
 
 def task_metrics(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -167,7 +197,7 @@ def lm_loss(model: nn.Module, features: dict[str, torch.Tensor], batch_size: int
 
     model.eval()
     nll, tokens = 0.0, 0
-    for batch in BatchSource(features, batch_size, shuffle=False).batches():
+    for batch in BatchSource(features, batch_size, shuffle=False, group_by_length=True).batches():
         batch = {k: v.to(device) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
         nll += model(**batch).loss.item() * n

@@ -29,6 +29,9 @@ class Limits:
     margin: float = 0.0
     max_adapter_params: int | None = None
     max_latency_ms: float | None = None
+    #: the candidate must beat the trivial predictor (majority class, training mean, unadapted base)
+    #: by at least this much in its main metric's units; None = only constant predictions are refused
+    min_gain_over_trivial: float | None = 0.01
 
 
 @dataclass
@@ -72,6 +75,23 @@ def decide(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None, lim
     if score is None:
         return Decision(False, [f"candidate has no {metric!r} metric: not promotable"])
 
+    # a model that learned nothing is never crowned, not even when there is no champion yet
+    if str(candidate.get("constant_predictions", "")).lower() in ("true", "1", "1.0"):
+        ok = False
+        reasons.append("predictions are constant (one class / one value for every example): not promotable")
+    if limits.min_gain_over_trivial is not None:
+        gain = _number(candidate, "gain_over_trivial")
+        trivial = _number(candidate, "trivial_score")
+        if gain is None:
+            ok = False
+            reasons.append("no gain over the trivial predictor was measured: not promotable")
+        elif gain < limits.min_gain_over_trivial:
+            ok = False
+            reasons.append(f"{metric} gains {gain:+.4f} over the trivial predictor ({trivial}), below "
+                           f"min_gain_over_trivial {limits.min_gain_over_trivial:g}: not promotable")
+        else:
+            reasons.append(f"{metric} gains {gain:+.4f} over the trivial predictor (>= {limits.min_gain_over_trivial:g})")
+
     size = adapter_params(candidate)
     if limits.max_adapter_params is not None:
         if size is None:
@@ -94,7 +114,8 @@ def decide(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None, lim
             reasons.append(f"latency {latency:.2f} ms <= max_latency_ms {limits.max_latency_ms:g}")
 
     if champion is None:
-        reasons.append(f"no current champion: {metric} {score:.4f} takes the title")
+        reasons.append(f"no current champion: {metric} {score:.4f} takes the title" if ok else
+                       f"no current champion, but {metric} {score:.4f} fails the checks above")
     else:
         version = champion.get("version", "?")
         best = _number(champion, metric)
@@ -182,7 +203,8 @@ def _restore(client: Any, name: str, before: dict[str, str], touched: list[str])
 
 def register_and_decide(client: Any, name: str, source: str, run_id: str | None, metrics: Mapping[str, Any],
                         tags: Mapping[str, str], limits: Limits, metric: str = "score",
-                        description: str = "") -> dict[str, Any]:
+                        description: str = "", model_id: str | None = None,
+                        model_description: str | None = None) -> dict[str, Any]:
     """Create a version of ``name`` from ``source``, decide, and move the aliases.
 
     Returns the decision record (also stored as version tags). The champion is read *before*
@@ -190,7 +212,8 @@ def register_and_decide(client: Any, name: str, source: str, run_id: str | None,
     moved so far are restored on error (best effort) and the new version is tagged
     ``decision=failed``.
     """
-    ensure_registered_model(client, name, description)
+    # the registered model's own description (set once, at creation) is not one version's card
+    ensure_registered_model(client, name, description if model_description is None else model_description)
     before = aliases(client, name)
     champion_version = before.get(CHAMPION)
     champion: dict[str, Any] | None = None
@@ -200,7 +223,9 @@ def register_and_decide(client: Any, name: str, source: str, run_id: str | None,
     decision = decide(metrics, champion, limits, metric, higher_is_better(metric))
     version_tags = {**tags, **metric_tags(metrics), "decision": "pending",
                     "decision.reasons": json.dumps(decision.reasons)}
-    mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags, description=description)
+    # model_id links the version to the MLflow 3 LoggedModel it was made from (source models:/<model_id>)
+    mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags, description=description,
+                                     model_id=model_id)
     version = str(mv.version)
     wanted: dict[str, str | None] = {CHALLENGER: version}
     if decision.promote:
