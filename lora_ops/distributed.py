@@ -53,17 +53,24 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def _comm_device() -> torch.device:
+    """Where a helper's own tensors must live: nccl reduces CUDA tensors only, gloo CPU ones."""
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def mean_scalar(value: float) -> float:
     if not (is_initialized() and world_size() > 1):
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
     return all_reduce_mean(t).item()
 
 
 def sum_scalar(value: float) -> float:
     if not (is_initialized() and world_size() > 1):
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
     tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t.item()
 
@@ -81,6 +88,6 @@ def all_reduce_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[float, float]:
     """(min of ``lo``, max of ``hi``) over ranks, e.g. to fix a quantizer range on the global batch."""
     if not (is_initialized() and world_size() > 1):
         return float(lo), float(hi)
-    t = torch.stack([-lo.float(), hi.float()]).cpu()
+    t = torch.stack([-lo.float(), hi.float()]).to(_comm_device())
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return float(-t[0]), float(t[1])

@@ -22,6 +22,7 @@ from lora_ops import distributed as dist
 from lora_ops.adapters.base import AdapterLayer
 from lora_ops.data import BatchSource
 from lora_ops.schedules import warmup_linear_decay
+from lora_ops.training import precision as amp
 from lora_ops.training.controller import Controller
 
 
@@ -38,6 +39,8 @@ class TrainConfig:
     select_metric: str = "loss"  # metric for "best"; "loss" is minimised, any other maximised
     progress: bool = True
     progress_label: str = "finetune"
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast; parameters and optimizer state stay fp32
+    gradient_checkpointing: bool = False  # recompute block activations in backward (HF models)
 
 
 @dataclass
@@ -119,6 +122,10 @@ def train(
     controller = controller or Controller()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     loss_fn = loss_fn or (lambda m, batch: m(**batch).loss)
+    amp.check_precision(cfg.precision, device)  # before any work: bf16 on a GPU without it fails here
+    if cfg.gradient_checkpointing:
+        amp.enable_gradient_checkpointing(model)
+    scaler = amp.grad_scaler(cfg.precision, device)  # fp16 only
     steps_per_epoch = len(data)
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
@@ -143,6 +150,8 @@ def train(
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         controller.load_state_dict(resume["controller"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batch_in_epoch"]
         result.history, result.evals, result.best = resume["history"], resume["evals"], resume["best"]
         torch.set_rng_state(resume["rng"]["cpu"])
@@ -160,6 +169,7 @@ def train(
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "config": asdict(cfg),
+            "scaler": scaler.state_dict() if scaler is not None else None,
         }
 
     show = cfg.progress and dist.is_main()
@@ -170,7 +180,8 @@ def train(
     while step < total and epoch < cfg.epochs:
         for batch in data.batches(epoch, start=batch_in_epoch):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss = loss_fn(model, batch)
+            with amp.autocast(cfg.precision, device):
+                loss = loss_fn(model, batch)
             if dist.world_size() > 1:
                 # ranks may hold unequal shares of the global batch (the last batch of an epoch):
                 # weight each rank's mean loss so the averaged gradient is the global-batch mean
@@ -181,12 +192,21 @@ def train(
             if not torch.isfinite(total_loss):
                 raise FloatingPointError(f"loss became {total_loss.item()} at step {step}: lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
-            total_loss.backward()
+            (total_loss if scaler is None else scaler.scale(total_loss)).backward()
             dist.all_reduce_gradients(trainable)
-            controller.on_after_backward(step + 1)
+            if scaler is not None:
+                # after the all-reduce, so an overflow on one rank is seen (and skipped) by all; before the
+                # controller and clipping, which need true gradients (LoRAPrune's scores mix G and G^2 terms)
+                scaler.unscale_(optimizer)
+            if scaler is None or amp.grads_finite(trainable):
+                controller.on_after_backward(step + 1)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
             scheduler.step()
             step += 1
             batch_in_epoch += 1
