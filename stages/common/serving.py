@@ -1,0 +1,217 @@
+"""The merged model as an MLflow Model that ``pyfunc``, ``mlflow models serve`` and the MLflow UI
+can use: a ``transformers`` pipeline of the task's kind (text classification with label names for
+GLUE classification, a raw score for regression, text generation for causal LMs), with a signature
+and an input example, plus the model card that becomes the registry version's description.
+
+Pruned causal LMs whose layers differ in width cannot be rebuilt by ``from_pretrained`` (a Hugging
+Face config holds one width): they are logged as a ``pyfunc`` model that loads through
+:func:`lora_ops.pruning.load_pruned_model` and generates exactly like the pipeline does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from stages.common.tasks import Task, is_lm
+
+# GLUE's label names, in label-id order (as the Hugging Face "glue" dataset features define them)
+LABEL_NAMES: dict[str, list[str]] = {
+    "sst2": ["negative", "positive"],
+    "cola": ["unacceptable", "acceptable"],
+    "mrpc": ["not_equivalent", "equivalent"],
+    "qqp": ["not_duplicate", "duplicate"],
+    "rte": ["entailment", "not_entailment"],
+    "qnli": ["entailment", "not_entailment"],
+    "wnli": ["not_entailment", "entailment"],
+    "mnli": ["entailment", "neutral", "contradiction"],
+}
+REGRESSION_LABEL = "score"
+# greedy, short, new tokens only: what the registered model does unless a request passes other params
+# (every key is also a signature param: params in a request replace the saved config, so each
+# one needs its default in the signature or it would be lost)
+GENERATION = {"max_new_tokens": 32, "do_sample": False, "return_full_text": False}
+GENERATION_EXAMPLE = "### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n"
+
+
+@dataclass
+class Served:
+    """What gets logged: the object, the MLflow task, signature, example, inference config."""
+
+    hf_task: str
+    pipeline: Any  # a transformers Pipeline, or None for the pruned-LM pyfunc
+    signature: Any
+    input_example: Any
+    model_config: dict[str, Any]
+    pruned_lm: bool = False
+
+
+def label_names(task: Task) -> list[str]:
+    if task.is_regression:
+        return [REGRESSION_LABEL]
+    return LABEL_NAMES.get(task.name, [f"LABEL_{i}" for i in range(task.num_labels)])
+
+
+def input_example(task: Task, dev: pd.DataFrame | None) -> Any:
+    """Two real dev rows where the prepare stage left them (one fixed prompt for causal LMs)."""
+    if is_lm(task):
+        return [GENERATION_EXAMPLE]
+    if dev is not None and len(dev) >= 2 and all(f in dev.columns for f in task.fields):
+        rows = dev.head(2)
+    else:
+        rows = pd.DataFrame({f: ["a gorgeous, witty film", "dull and lifeless"] for f in task.fields})
+    if len(task.fields) == 1:
+        return [str(t) for t in rows[task.fields[0]]]
+    # sentence pairs: the text-classification pipeline's {"text", "text_pair"} form
+    return [{"text": str(a), "text_pair": str(b)} for a, b in zip(rows[task.fields[0]], rows[task.fields[1]])]
+
+
+def signature(task: Task) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    if is_lm(task):
+        params = ParamSchema([ParamSpec("max_new_tokens", "long", GENERATION["max_new_tokens"]),
+                              ParamSpec("do_sample", "boolean", GENERATION["do_sample"]),
+                              ParamSpec("return_full_text", "boolean", GENERATION["return_full_text"])])
+        return ModelSignature(Schema([ColSpec("string")]), Schema([ColSpec("string")]), params)
+    if len(task.fields) == 1:
+        inputs = Schema([ColSpec("string")])
+    else:
+        inputs = Schema([ColSpec("string", "text"), ColSpec("string", "text_pair")])
+    return ModelSignature(inputs, Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+
+
+def needs_pruned_loader(model_dir: Path) -> bool:
+    config = json.loads((model_dir / "config.json").read_text())
+    info = config.get("lora_sieve_pruning")
+    return bool(info) and not info.get("stock_loadable", False)
+
+
+def build(model_dir: Path, task: Task, dev: pd.DataFrame | None = None) -> Served:
+    """Load the merged folder (stock transformers) and wrap it in the task's pipeline."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    example, sig = input_example(task, dev), signature(task)
+    if is_lm(task):
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if needs_pruned_loader(model_dir):
+            return Served("text-generation", None, sig, example, dict(GENERATION), pruned_lm=True)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+        pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+        return Served("text-generation", pipe, sig, example, dict(GENERATION))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    names = label_names(task)
+    if model.config.num_labels != len(names):
+        raise ValueError(f"{model_dir} has {model.config.num_labels} outputs but task {task.name} has "
+                         f"{len(names)} labels: rerun merge for this task")
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {n: i for i, n in enumerate(names)}
+    if task.is_regression:
+        # the pipeline then returns the raw output (no sigmoid) as the score
+        model.config.problem_type = "regression"
+    pipe = pipeline("text-classification", model=model, tokenizer=tokenizer)
+    return Served("text-classification", pipe, sig, example, {})
+
+
+def pip_requirements() -> list[str]:
+    """Pinned from this environment: skips MLflow's slow requirement inference."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "transformers", "safetensors")]
+
+
+def _pruned_model() -> Any:
+    """Defined here so that importing this module does not import MLflow."""
+    import mlflow.pyfunc
+
+    class _PrunedCausalLM(mlflow.pyfunc.PythonModel):
+        """Greedy generation from a pruned folder with per-layer widths (new tokens only, as the
+        transformers flavour returns them)."""
+
+        def load_context(self, context: Any) -> None:
+            from transformers import AutoTokenizer
+
+            from lora_ops.pruning import load_pruned_model
+
+            self.model = load_pruned_model(Path(context.artifacts["model"])).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model"])
+
+        def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+            import torch
+
+            cfg = {**GENERATION, **(params or {})}
+            keep_prompt = bool(cfg["return_full_text"])
+            prompts = model_input.iloc[:, 0].tolist() if isinstance(model_input, pd.DataFrame) else list(model_input)
+            out = []
+            with torch.no_grad():
+                for prompt in prompts:
+                    enc = self.tokenizer(prompt, return_tensors="pt")
+                    ids = self.model.generate(**enc, max_new_tokens=int(cfg["max_new_tokens"]),
+                                              do_sample=bool(cfg["do_sample"]))
+                    start = 0 if keep_prompt else enc["input_ids"].shape[1]
+                    out.append(self.tokenizer.decode(ids[0, start:], skip_special_tokens=True))
+            return out
+
+    return _PrunedCausalLM()
+
+
+def log(served: Served, model_dir: Path, run_id: str) -> Any:
+    """Log the served model under ``run_id`` (artifact name ``model``); returns MLflow's ModelInfo."""
+    if served.pruned_lm:
+        import mlflow.pyfunc
+
+        import lora_ops
+
+        # pyfunc.log_model takes no run_id: attach through the fluent API (resuming the stage's run)
+        with mlflow.start_run(run_id=run_id):
+            return mlflow.pyfunc.log_model(
+                name="model", python_model=_pruned_model(), artifacts={"model": str(model_dir)},
+                code_paths=[str(Path(lora_ops.__file__).parent)], signature=served.signature,
+                input_example=served.input_example, pip_requirements=pip_requirements())
+    import mlflow.transformers
+
+    return mlflow.transformers.log_model(
+        served.pipeline, name="model", task=served.hf_task, signature=served.signature,
+        input_example=served.input_example, model_config=served.model_config or None,
+        pip_requirements=pip_requirements(), run_id=run_id)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def model_card(name: str, task: Task, method: str, base_model: str, metrics: dict[str, Any],
+               parameters: dict[str, Any], adapter_bytes: dict[str, int], served: Served, run_id: str) -> str:
+    """The version's description (Markdown, short): what it is, how good, how big, how to load it."""
+    shown = [m for m in (*task.metrics, "latency_merged_ms") if isinstance(metrics.get(m), (int, float))]
+    kind = ("text generation (greedy, new tokens only)" if served.hf_task == "text-generation"
+            else "regression score" if task.is_regression
+            else f"text classification ({', '.join(label_names(task))})")
+    lines = [
+        f"**{name}**: `{method}` adapter merged into `{base_model}`, task `{task.name}` — {kind}.",
+        "",
+        "| metric | value |", "|---|---:|",
+        *[f"| {m} | {_fmt(metrics[m])} |" for m in shown],
+        "",
+        "Adapter: " + ", ".join(f"{k} {_fmt(v)} params" for k, v in parameters.items())
+        + ("; files " + ", ".join(f"{k} {_fmt(v)} bytes" for k, v in adapter_bytes.items()) if adapter_bytes else ""),
+        "",
+        "Load / serve:",
+        "```",
+        f'mlflow.pyfunc.load_model("models:/{name}@champion").predict({json.dumps(served.input_example[:1])})',
+        f"mlflow models serve -m models:/{name}@champion --env-manager local --host 127.0.0.1 --port 5001",
+        f"adapters of run {run_id}: artifacts adapter/ (compact), peft/ (PEFT), peft_serve/ (no rank/alpha patterns)",
+        "```",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""The promote stage logs the merged model as an MLflow Model: ``pyfunc`` predictions by
+``models:/<name>@champion`` equal the merged model's (classification, regression, causal LM),
+and ``mlflow models serve`` answers real REST requests with the same predictions.
+
+Tiny random BERT / Llama models (MiniLM's tokenizer) stand in for the real ones: what is checked
+is the chain merged folder -> MLflow Model -> registry alias -> pyfunc / REST, not the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import REPO, SHARED_DATA
+from safetensors.torch import save_file
+from services import _stop, _wait_healthy, free_port, service_env
+
+from lora_ops.export import serve_safe
+from lora_ops.methods import AdapterConfig, MethodContext, get_method
+from lora_ops.targets import find_targets, freeze_all_but, unload
+
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="needs the shared data mirror")
+
+SST2 = ["a gorgeous , witty , seductive movie .", "dull , lifeless and far too long", "it 's fine"]
+STSB = [{"text": "A man is playing a guitar.", "text_pair": "A man plays the guitar."},
+        {"text": "A cat sleeps.", "text_pair": "Stocks fell sharply on Monday."}]
+PROMPTS = ["### Instruction:\nName a colour.\n\n### Response:\n", "The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from stages.common.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("minilm").path)
+
+
+def _tiny(kind: str, tokenizer):
+    """A tiny random model with LoRA adapters trained to random values, before merging."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+    if kind == "causal_lm":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, tie_word_embeddings=True))
+    else:
+        labels = 1 if kind == "regression" else 2
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=128, num_labels=labels,
+            problem_type="regression" if labels == 1 else "single_label_classification"))
+    method = get_method("lora")
+    ctx = MethodContext(adapter=AdapterConfig(rank=2, alpha=4), params=method.params_model())
+    targets = find_targets(model, "all")
+    plan = method.decide([], targets, ctx)
+    method.build(model, targets, plan, ctx)
+    freeze_all_but(model, [] if kind == "causal_lm" else ["classifier"])
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model.eval(), method, ctx, plan
+
+
+def promoted_repo(root: Path, kind: str, tokenizer) -> Path:
+    """A scratch project holding exactly what ``promote`` reads, then ``promote.main()`` run in it."""
+    task = {"classification": "sst2", "regression": "stsb", "causal_lm": "alpaca"}[kind]
+    repo = root / f"repo-{kind}"
+    merged_dir = repo / "data/merge/model"
+    model, method, ctx, plan = _tiny(kind, tokenizer)
+    export = method.export_peft(model, plan, ctx)
+    counts = method.parameter_counts(model)
+    merged = unload(model, merge=True)
+    merged.save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
+    meta = {"method": "lora", "base_model": "tiny-random", "base_model_path": str(merged_dir), "task": task,
+            "parameters": counts}
+    (merged_dir / "lora_sieve.json").write_text(json.dumps(meta))
+    for sub, exp in (("peft", export), ("peft_serve", serve_safe(export)[0])):
+        (repo / "data/merge" / sub).mkdir(parents=True)
+        (repo / "data/merge" / sub / "adapter_config.json").write_text(json.dumps(exp.config))
+        save_file(exp.tensors, str(repo / "data/merge" / sub / "adapter_model.safetensors"))
+    compact = repo / "data/merge/adapter"
+    compact.mkdir(parents=True)
+    save_file({k: v.clone() for k, v in export.tensors.items()}, str(compact / "adapter.safetensors"))
+    (compact / "lora_sieve.json").write_text(json.dumps(meta))
+    (repo / "data/decide").mkdir(parents=True)
+    (repo / "data/decide/plan.json").write_text(json.dumps(plan))
+    main = {"classification": "accuracy", "regression": "pearson", "causal_lm": "wikitext2_ppl"}[kind]
+    metrics = {main: 0.8 if kind != "causal_lm" else 30.0, "main_metric": main, "stored_params": counts["stored"],
+               "trainable_params": counts["trainable"], "latency_merged_ms": 1.0, "gain_over_trivial": 0.3,
+               "trivial_score": 0.5, "constant_predictions": False}
+    metrics["score"] = metrics[main]
+    (repo / "data/evaluate").mkdir(parents=True)
+    (repo / "data/evaluate/metrics.json").write_text(json.dumps(metrics))
+    if kind == "classification":
+        (repo / "data/prepare").mkdir(parents=True)
+        pd.DataFrame({"sentence": SST2[:2], "label": [1, 0]}).to_parquet(repo / "data/prepare/dev.parquet")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    base = repo / "base"  # what params name as the base model (a local HF folder of its own)
+    shutil.copytree(merged_dir, base)
+    params["model"]["name"] = str(base)
+    params["task"]["name"] = task
+    params["data"]["mirror"] = str(SHARED_DATA)
+    params["method"]["name"] = "lora"
+    params["registry"]["name"] = f"{task}-tiny"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo
+
+
+def _run_promote(repo: Path, monkeypatch) -> dict:
+    import mlflow
+
+    from stages import promote
+
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LORA_SIEVE_PARENT_RUN_ID", raising=False)
+    promote.main()
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return json.loads((repo / "data/promote/decision.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sst2_repo(tmp_path_factory, tokenizer):
+    mp = pytest.MonkeyPatch()
+    try:
+        repo = promoted_repo(tmp_path_factory.mktemp("serving"), "classification", tokenizer)
+        decision = _run_promote(repo, mp)
+    finally:
+        mp.undo()
+    return repo, decision
+
+
+def _merged_classifier(repo: Path, texts):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = repo / "data/merge/model"
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    if texts and isinstance(texts[0], dict):
+        enc = tok([t["text"] for t in texts], [t["text_pair"] for t in texts], padding=True, return_tensors="pt")
+    else:
+        enc = tok(list(texts), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def test_champion_is_an_mlflow_model_with_card_adapters_and_lineage(sst2_repo):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    repo, decision = sst2_repo
+    assert decision["promoted"] and decision["version"] == "1"
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    mv = client.get_model_version("sst2-tiny", "1")
+    assert mv.source == f"models:/{mv.tags['serving.model_id']}"  # the logged MLflow Model, not a raw folder
+    assert mv.tags["serving.task"] == "text-classification" and mv.tags["method"] == "lora"
+    assert mv.tags["lineage.adapter_sha256"] and mv.tags["lineage.plan_sha256"]  # lineage tags stay
+    for words in ("`lora`", "`sst2`", "tiny-random", "accuracy", "params", "bytes", "mlflow models serve",
+                  "negative, positive"):
+        assert words in mv.description
+    assert "mlflow models serve" not in client.get_registered_model("sst2-tiny").description
+    # the adapters are artifacts of the same run as the model
+    listed = {a.path for a in client.list_artifacts(mv.run_id)}
+    assert {"adapter", "peft", "peft_serve"} <= listed
+    assert {a.path for a in client.list_artifacts(mv.run_id, "peft_serve")} >= {"peft_serve/adapter_config.json"}
+    info = mlflow.models.get_model_info("models:/sst2-tiny@champion")
+    assert "transformers" in info.flavors and info.flavors["transformers"]["task"] == "text-classification"
+    assert info.signature.inputs.input_types() and info.signature.outputs.input_names() == ["label", "score"]
+    assert info.saved_input_example_info is not None
+
+
+def test_pyfunc_classification_matches_the_merged_model(sst2_repo):
+    import mlflow
+
+    repo, _ = sst2_repo
+    out = mlflow.pyfunc.load_model("models:/sst2-tiny@champion").predict(SST2)
+    probs = _merged_classifier(repo, SST2).softmax(-1)
+    assert list(out["label"]) == [["negative", "positive"][i] for i in probs.argmax(-1).tolist()]
+    torch.testing.assert_close(torch.tensor(out["score"].to_numpy(), dtype=torch.float32), probs.max(-1).values,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_mlflow_models_serve_answers_rest_requests(sst2_repo):
+    repo, _ = sst2_repo
+    port = free_port()
+    log = repo / "serve.log"
+    env = service_env(MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/sst2-tiny@champion",
+           "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}/ping", proc, log, timeout=180)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": SST2}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            assert resp.status == 200
+            predictions = json.loads(resp.read())["predictions"]
+    finally:
+        _stop(proc)
+    assert proc.poll() is not None  # the server is gone
+    probs = _merged_classifier(repo, SST2).softmax(-1)
+    assert [p["label"] for p in predictions] == [["negative", "positive"][i] for i in probs.argmax(-1).tolist()]
+    torch.testing.assert_close(torch.tensor([p["score"] for p in predictions]), probs.max(-1).values,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_pyfunc_regression_returns_the_merged_score(tmp_path, tokenizer, monkeypatch):
+    import mlflow
+
+    repo = promoted_repo(tmp_path, "regression", tokenizer)
+    _run_promote(repo, monkeypatch)
+    model = mlflow.pyfunc.load_model("models:/stsb-tiny@champion")
+    assert model.metadata.get_model_info().flavors["transformers"]["task"] == "text-classification"
+    out = model.predict(STSB)
+    assert set(out["label"]) == {"score"}
+    expected = _merged_classifier(repo, STSB).squeeze(-1)  # raw regression output: no sigmoid, no softmax
+    torch.testing.assert_close(torch.tensor(out["score"].to_numpy(), dtype=torch.float32), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_pyfunc_causal_lm_generates_like_the_merged_model(tmp_path, tokenizer, monkeypatch):
+    import mlflow
+    from transformers import AutoModelForCausalLM
+
+    repo = promoted_repo(tmp_path, "causal_lm", tokenizer)
+    _run_promote(repo, monkeypatch)
+    model = mlflow.pyfunc.load_model("models:/alpaca-tiny@champion")
+    assert model.metadata.get_model_info().flavors["transformers"]["task"] == "text-generation"
+    merged = AutoModelForCausalLM.from_pretrained(repo / "data/merge/model").eval()
+
+    def greedy(new_tokens: int) -> list[str]:
+        texts = []
+        for prompt in PROMPTS:
+            enc = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
+            with torch.no_grad():
+                ids = merged.generate(**enc, max_new_tokens=new_tokens, do_sample=False)
+            texts.append(" ".join(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                                  .split()))
+        assert all(texts)  # something was generated
+        return texts
+
+    # the saved config (greedy, 32 new tokens, no prompt echo), then a request that overrides one param
+    assert [" ".join(o.split()) for o in model.predict(PROMPTS)] == greedy(32)
+    assert [" ".join(o.split()) for o in model.predict(PROMPTS, params={"max_new_tokens": 8})] == greedy(8)
+
+
+def test_promote_without_merged_model_fails_in_one_line(tmp_path, tokenizer):
+    repo = promoted_repo(tmp_path, "classification", tokenizer)
+    shutil.rmtree(repo / "data/merge/model")
+    proc = subprocess.run([sys.executable, "-m", "stages.promote"], cwd=repo, capture_output=True, text=True,
+                          env=service_env(PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error [promote]: data/merge/model is missing")
