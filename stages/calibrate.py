@@ -9,7 +9,7 @@ import torch
 
 from lora_ops.data import BatchSource, stratified_indices
 from lora_ops.targets import find_targets, freeze_all_but
-from stages.common import runtime
+from stages.common import runtime, shapes
 from stages.common.io import read_parquet, write_json, write_records
 from stages.common.params import load_params
 from stages.common.pipeline import Paths, load_base, method_context, task_of, tokenize
@@ -20,6 +20,7 @@ COLUMNS = ["module", "group", "role", "layer"]
 
 def main() -> None:
     params = load_params()
+    shapes.check_model_shapes(params)  # impossible for this model (rank > width...): fail before training
     method, ctx = method_context(params)
     with StageRun("calibrate", params.model_dump()) as run:
         summary = {"method": method.name, "needed": method.needs_calibration}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stages.common import runtime
+from stages.common import runtime, shapes
 from stages.common.io import read_records, write_json
 from stages.common.params import load_params
 from stages.common.pipeline import Paths, build_adapted, load_base, method_context, plain_lora_parameters
@@ -11,6 +11,7 @@ from stages.common.tracking import StageRun
 
 def main() -> None:
     params = load_params()
+    shapes.check_model_shapes(params)  # impossible for this model (rank > width...): fail before training
     method, ctx = method_context(params)
     with StageRun("decide", params.model_dump()) as run:
         from lora_ops.targets import find_targets

@@ -248,7 +248,7 @@ class Params(BaseModel):
         """The validated section of ``name`` (default: the selected method)."""
         name = name or self.method.name
         raw = (self.model_extra or {}).get(name) or {}
-        return get_method(name).params_model(**raw)
+        return get_method(name).params_model.model_validate(raw)  # a non-mapping section is a ValidationError
 
 
 def _format(err: ValidationError, source: str, section: str = "") -> str:
@@ -269,10 +269,12 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the document must be a mapping of sections, not a {type(raw).__name__}")
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     try:
-        params = Params(**raw)
+        params = Params.model_validate(raw)  # not Params(**raw): a list or scalar document is a ValidationError
     except ValidationError as exc:
         raise ConfigError(_format(exc, str(path))) from None
     for name in available_methods():  # validate every method section present, not only the selected one
