@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lora_ops.export import PeftExport, serve_safe
 from lora_ops.training import load_trainable_state
 from stages.common import runtime
-from stages.common.io import atomic_path, read_json
+from stages.common.io import atomic_path, read_json, read_safetensors
 from stages.common.params import load_params
 from stages.common.pipeline import Paths, build_adapted, model_ref
 from stages.common.tracking import StageRun
@@ -45,13 +45,14 @@ def write_not_exported(dest: Path, reason: str) -> None:
 def main() -> None:
     params = load_params()
     plan = read_json(Paths.plan)
+    state = read_safetensors(Paths.adapter)  # a truncated or foreign adapter: one line, before anything is written
     with StageRun("merge", params.model_dump()) as run:
         adapted = build_adapted(params, plan)
         model, method, ctx = adapted.model, adapted.method, adapted.ctx
-        if not Paths.adapter.is_file():
-            raise FileNotFoundError(f"{Paths.adapter} is missing: run the finetune stage")
-        state = load_file(str(Paths.adapter))
-        load_trainable_state(model, state)
+        try:
+            load_trainable_state(model, state)
+        except ValueError as exc:  # tensors of another plan/method: name the file
+            raise ValueError(f"{Paths.adapter} does not fit this plan ({exc}): rerun the finetune stage") from None
         model.eval()
         ref = model_ref(params)
         heads = adapted.loaded.head_modules

@@ -84,7 +84,7 @@ def _refuse_pickle_only(path: Path) -> None:
     try:
         check_model_folder(path)
     except (BadArtifact, FileNotFoundError) as exc:
-        raise ModelUnavailable(str(exc).split(": rerun", 1)[0].split(": replace it", 1)[0]) from None
+        raise ModelUnavailable(str(exc).split(": rerun the", 1)[0].split(": replace it", 1)[0]) from None
 
 
 def _check_hub(model_id: str) -> None:
