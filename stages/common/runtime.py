@@ -4,12 +4,10 @@ device, and the error boundary that turns known failures into one actionable lin
 from __future__ import annotations
 
 import errno
-import errno
 import os
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from pathlib import Path
 
 for _k, _v in {
@@ -46,50 +44,6 @@ def seed_everything(seed: int) -> None:
 
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-EXIT_TRANSIENT = 1  # the environment failed (disk full, tracking server away): a retry may succeed
-# errnos of an environment that cannot take the write: one line, not a traceback
-_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def error_exit(exc: BaseException, name: str) -> int | None:
-    """The exit code and one-line report for a known failure of stage ``name``; None: not a known one
-    (the caller re-raises it, with its traceback: that is a bug to fix, not an input to correct)."""
-    from safetensors import SafetensorError
-
-    from stages.common.glue import DataUnavailable
-    from stages.common.models import ModelUnavailable
-    from stages.common.params import ConfigError
-    from stages.common.stop import StopRequested
-
-    if isinstance(exc, StopRequested):
-        print(f"{name}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    if isinstance(exc, (ConfigError, DataUnavailable, ModelUnavailable, FileNotFoundError, KeyError, ValueError)):
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        code = EXIT_BAD_INPUT
-    elif isinstance(exc, SafetensorError):  # a raw safetensors read outside stages.common.io's readers
-        message, code = f"a safetensors file is truncated or foreign ({exc}); rerun the stage that wrote it", \
-            EXIT_BAD_INPUT
-    elif isinstance(exc, OSError) and exc.errno in _ENV_ERRNOS:
-        where = f" writing {exc.filename}" if exc.filename else ""
-        message = (f"{os.strerror(exc.errno)}{where}; nothing half-written was kept (outputs are atomic): "
-                   "free the space / fix permissions and rerun")
-        code = EXIT_TRANSIENT
-    elif type(exc).__name__ == "MlflowException" or type(exc).__module__.startswith("mlflow"):
-        from stages.common.tracking import tracking_uri
-
-        message = f"MLflow tracking at {tracking_uri(Path('.'))} failed: {str(exc)[:300]}"
-        code = EXIT_TRANSIENT
-    else:
-        return None
-    print(f"error [{name}]: {_one_line(message)}", file=sys.stderr)
-    return code
 
 
 EXIT_TRANSIENT = 1  # the environment failed (disk full, tracking server away): a retry may succeed
