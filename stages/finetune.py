@@ -21,6 +21,7 @@ from stages.common.checkpoint import CheckpointUnreadable, load_checkpoint, remo
 from stages.common.io import atomic_path, read_json, read_parquet, write_json
 from stages.common.params import load_params
 from stages.common.pipeline import Paths, build_adapted, evaluate_features, select_metric, task_of, tokenize
+from stages.common.stop import GracefulStop
 from stages.common.tracking import stage_run
 
 
@@ -119,9 +120,11 @@ def _finetune(params) -> None:
 
         # dropout masks: one seeded stream per rank (a resumed run restores the stream's state)
         runtime.seed_everything(runtime.derive_seed(params.seed, "dropout", dist.rank()))
-        result = train(model, data, cfg, controller=controller,
-                       evaluate=lambda m: evaluate_features(m, val_f, task, params.evaluate.batch_size, device),
-                       on_checkpoint=write_checkpoint, resume=resume, device=device)
+        # SIGTERM (a cancelled flow run, a stopped job): checkpoint at the next step boundary, exit 143
+        with GracefulStop(cfg) as stop:
+            result = train(model, data, cfg, controller=controller,
+                           evaluate=lambda m: evaluate_features(m, val_f, task, params.evaluate.batch_size, device),
+                           on_checkpoint=stop.wrap(write_checkpoint), resume=resume, device=device)
         if not dist.is_main():
             return
         state = {k: v.contiguous() for k, v in trainable_state(model).items()}
