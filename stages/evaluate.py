@@ -36,15 +36,50 @@ TIMING_KEYS = ("latency_merged_ms", "latency_unmerged_ms", "latency_dense_ms", "
 DIFF_EXAMPLES = 256  # unmerged-vs-merged comparison sample (the full dev set adds time, not information)
 
 
+def _loss_window(history: pd.DataFrame) -> int:
+    return max(1, len(history) // 30)
+
+
+def write_loss_data(history: pd.DataFrame, path: Path) -> None:
+    """The training-loss plot's data next to its PNG (``training_loss.csv``): a DVC plot, so
+    ``dvc plots diff`` overlays two experiments' curves in one chart."""
+    data = pd.DataFrame({"step": history["step"], "loss": history["loss"],
+                         "loss_smoothed": history["loss"].rolling(_loss_window(history), min_periods=1).mean()})
+    with atomic_path(path) as tmp:
+        data.to_csv(tmp, index=False)
+
+
+def _module_cell(name: str) -> tuple[int, str]:
+    """(layer, module kind) of a qualified module name, e.g. (3, "attention.output.dense")."""
+    parts = name.split(".")
+    layer = next((int(p) for p in parts if p.isdigit()), -1)
+    return layer, ".".join(parts[-2:]) if parts[-1] == "dense" else parts[-1]
+
+
+def write_structure_data(rows: list[dict], path: Path) -> None:
+    """The learned-structure plot's data next to its PNG (``structure.json``, one record per module;
+    ``[]`` for a method without learned structure, which DVC shows as no bars for that revision)."""
+    records = []
+    for r in rows:
+        layer, kind = _module_cell(r["module"])
+        rec = {"module": f"{layer:02d} {kind}", "name": r["module"], "layer": layer, "kind": kind,
+               "rank": float(r["rank"])}
+        if r.get("bits_B") is not None:
+            rec["bits_B"] = r["bits_B"]
+        records.append(rec)
+    write_json(path, sorted(records, key=lambda x: (x["layer"], x["kind"])))
+
+
 def plot_loss(history: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    write_loss_data(history, path.with_suffix(".csv"))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(history["step"], history["loss"], lw=0.8, alpha=0.4, label="loss")
-    window = max(1, len(history) // 30)
+    window = _loss_window(history)
     ax.plot(history["step"], history["loss"].rolling(window, min_periods=1).mean(), lw=1.8,
             label=f"moving mean ({window} steps)")
     ax.set_xlabel("optimizer step")
@@ -101,6 +136,7 @@ def plot_placeholder(text: str, path: Path) -> None:
 
 def plot_structure(rows: list[dict], method: str, path: Path) -> None:
     """Learned rank per module as a layer x module-type grid (rank allocators); placeholder otherwise."""
+    write_structure_data(rows, path.with_suffix(".json"))
     if not rows:
         plot_placeholder(f"{method}: no learned per-module structure", path)
         return
@@ -111,12 +147,7 @@ def plot_structure(rows: list[dict], method: str, path: Path) -> None:
 
     from lora_ops.targets import ROLES
 
-    def split(name: str) -> tuple[int, str]:
-        parts = name.split(".")
-        layer = next((int(p) for p in parts if p.isdigit()), -1)
-        return layer, ".".join(parts[-2:]) if parts[-1] == "dense" else parts[-1]
-
-    cells = {split(r["module"]): r for r in rows}
+    cells = {_module_cell(r["module"]): r for r in rows}
     layers = sorted({k[0] for k in cells})
     kinds = sorted({k[1] for k in cells}, key=lambda k: next((i for i, r in enumerate(ROLES) if r in k), 99))
     grid = [[cells.get((lay, kind), {}).get("rank", float("nan")) for lay in layers] for kind in kinds]
