@@ -50,13 +50,15 @@ def features(n: int = 40, seq: int = 12, vocab: int = 120, labels: int | None = 
     return out
 
 
+# eager attention: the same arithmetic on every device, and deterministic on CUDA (the fused SDPA
+# backward kernels may accumulate with atomics), so resumed runs can be compared step by step
 def tiny_bert() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=64, num_labels=2,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
     return BertForSequenceClassification(cfg)
 
 
@@ -66,7 +68,7 @@ def tiny_llama() -> nn.Module:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, attn_implementation="eager")
     return LlamaForCausalLM(cfg)
 
 
@@ -151,9 +153,9 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], device: t
 
 
 def merged(case: Case, device: torch.device | str) -> nn.Module:
-    """The method's own merge of a copy of ``case.model``, on ``device``."""
+    """The method's own merged export (LoRAPrune: pruned structure removed) of a copy of ``case.model``."""
     model = copy.deepcopy(case.model).to(device)
-    return case.method.merged_model(model, case.plan, case.ctx)
+    return case.method.export_merged(model, case.plan, case.ctx)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

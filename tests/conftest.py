@@ -22,6 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LORA_SIEVE_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """``cuda``-marked tests are skipped, with the reason, where torch sees no GPU (``pytest -rs`` lists them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"cuda: no CUDA GPU visible to torch {torch.__version__} "
+                                   "(run benchmarks/gpu_suite.sh on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
