@@ -50,17 +50,21 @@ def _tiny(kind: str, tokenizer):
 
     torch.manual_seed(0)
     vocab = len(tokenizer)
-    if kind == "causal_lm":
+    if kind in ("causal_lm", "pruned_lm"):
         model = LlamaForCausalLM(LlamaConfig(
             vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, tie_word_embeddings=True))
+            bos_token_id=tokenizer.cls_token_id, eos_token_id=None, tie_word_embeddings=kind == "causal_lm"))
+        # no end-of-sequence token: every generation runs its full length, so there is text to compare;
+        # untied head for the pruned model: with tied weights the thinned random layers only echo the last token
     else:
         labels = 1 if kind == "regression" else 2
         model = BertForSequenceClassification(BertConfig(
             vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=128, num_labels=labels,
             problem_type="regression" if labels == 1 else "single_label_classification"))
+    if kind == "pruned_lm":
+        return _pruned(model, tokenizer)
     method = get_method("lora")
     ctx = MethodContext(adapter=AdapterConfig(rank=2, alpha=4), params=method.params_model())
     targets = find_targets(model, "all")
@@ -75,32 +79,59 @@ def _tiny(kind: str, tokenizer):
     return model.eval(), method, ctx, plan
 
 
+def _pruned(model, tokenizer):
+    """LoRAPrune with the default exempt last layer: layers end with different widths, so the
+    merged folder needs lora_ops' loader (stock from_pretrained cannot build it)."""
+    from lora_ops.data import BatchSource
+    from lora_ops.training.loop import TrainConfig, train
+
+    method = get_method("loraprune")
+    ctx = MethodContext(adapter=AdapterConfig(rank=2, alpha=4), params=method.params_model(ratio=0.5, prune_every=2))
+    targets = find_targets(model, "all")
+    plan = method.plan_model(model, targets, ctx)
+    method.build(model, targets, plan, ctx)
+    freeze_all_but(model)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1000, len(tokenizer), (24, 8), generator=gen)
+    data = BatchSource({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()},
+                       batch_size=4, shuffle=False)
+    train(model, data, TrainConfig(lr=1e-3, warmup_ratio=0.0, progress=False),
+          controller=method.controller(model, plan, ctx))
+    return model.eval(), method, ctx, plan
+
+
 def promoted_repo(root: Path, kind: str, tokenizer) -> Path:
     """A scratch project holding exactly what ``promote`` reads, then ``promote.main()`` run in it."""
-    task = {"classification": "sst2", "regression": "stsb", "causal_lm": "alpaca"}[kind]
+    task = {"classification": "sst2", "regression": "stsb", "causal_lm": "alpaca", "pruned_lm": "alpaca"}[kind]
     repo = root / f"repo-{kind}"
     merged_dir = repo / "data/merge/model"
     model, method, ctx, plan = _tiny(kind, tokenizer)
-    export = method.export_peft(model, plan, ctx)
     counts = method.parameter_counts(model)
-    merged = unload(model, merge=True)
-    merged.save_pretrained(merged_dir)
-    tokenizer.save_pretrained(merged_dir)
-    meta = {"method": "lora", "base_model": "tiny-random", "base_model_path": str(merged_dir), "task": task,
-            "parameters": counts}
-    (merged_dir / "lora_sieve.json").write_text(json.dumps(meta))
-    for sub, exp in (("peft", export), ("peft_serve", serve_safe(export)[0])):
-        (repo / "data/merge" / sub).mkdir(parents=True)
-        (repo / "data/merge" / sub / "adapter_config.json").write_text(json.dumps(exp.config))
-        save_file(exp.tensors, str(repo / "data/merge" / sub / "adapter_model.safetensors"))
     compact = repo / "data/merge/adapter"
     compact.mkdir(parents=True)
-    save_file({k: v.clone() for k, v in export.tensors.items()}, str(compact / "adapter.safetensors"))
+    save_file({k: v.detach().clone() for k, v in model.state_dict().items() if "lora" in k},
+              str(compact / "adapter.safetensors"))
+    if kind == "pruned_lm":
+        assert not method.export_model(model, plan, ctx, merged_dir, tokenizer)["stock_loadable"]
+        for sub in ("peft", "peft_serve"):
+            (repo / "data/merge" / sub).mkdir(parents=True)
+            (repo / "data/merge" / sub / "NOT_EXPORTED.txt").write_text("loraprune: the base is pruned\n")
+    else:
+        export = method.export_peft(model, plan, ctx)
+        for sub, exp in (("peft", export), ("peft_serve", serve_safe(export)[0])):
+            (repo / "data/merge" / sub).mkdir(parents=True)
+            (repo / "data/merge" / sub / "adapter_config.json").write_text(json.dumps(exp.config))
+            save_file(exp.tensors, str(repo / "data/merge" / sub / "adapter_model.safetensors"))
+        unload(model, merge=True).save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+    meta = {"method": method.name, "base_model": "tiny-random", "base_model_path": str(merged_dir), "task": task,
+            "parameters": counts}
+    (merged_dir / "lora_sieve.json").write_text(json.dumps(meta))
     (compact / "lora_sieve.json").write_text(json.dumps(meta))
     (repo / "data/decide").mkdir(parents=True)
     (repo / "data/decide/plan.json").write_text(json.dumps(plan))
-    main = {"classification": "accuracy", "regression": "pearson", "causal_lm": "wikitext2_ppl"}[kind]
-    metrics = {main: 0.8 if kind != "causal_lm" else 30.0, "main_metric": main, "stored_params": counts["stored"],
+    main = {"classification": "accuracy", "regression": "pearson"}.get(kind, "wikitext2_ppl")
+    metrics = {main: 30.0 if main == "wikitext2_ppl" else 0.8, "main_metric": main, "stored_params": counts["stored"],
                "trainable_params": counts["trainable"], "latency_merged_ms": 1.0, "gain_over_trivial": 0.3,
                "trivial_score": 0.5, "constant_predictions": False}
     metrics["score"] = metrics[main]
@@ -115,8 +146,8 @@ def promoted_repo(root: Path, kind: str, tokenizer) -> Path:
     params["model"]["name"] = str(base)
     params["task"]["name"] = task
     params["data"]["mirror"] = str(SHARED_DATA)
-    params["method"]["name"] = "lora"
-    params["registry"]["name"] = f"{task}-tiny"
+    params["method"]["name"] = method.name
+    params["registry"]["name"] = f"{task}-{kind.replace('_', '-')}"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return repo
 
@@ -166,19 +197,19 @@ def test_champion_is_an_mlflow_model_with_card_adapters_and_lineage(sst2_repo):
     repo, decision = sst2_repo
     assert decision["promoted"] and decision["version"] == "1"
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    mv = client.get_model_version("sst2-tiny", "1")
+    mv = client.get_model_version("sst2-classification", "1")
     assert mv.source == f"models:/{mv.tags['serving.model_id']}"  # the logged MLflow Model, not a raw folder
     assert mv.tags["serving.task"] == "text-classification" and mv.tags["method"] == "lora"
     assert mv.tags["lineage.adapter_sha256"] and mv.tags["lineage.plan_sha256"]  # lineage tags stay
     for words in ("`lora`", "`sst2`", "tiny-random", "accuracy", "params", "bytes", "mlflow models serve",
                   "negative, positive"):
         assert words in mv.description
-    assert "mlflow models serve" not in client.get_registered_model("sst2-tiny").description
+    assert "mlflow models serve" not in client.get_registered_model("sst2-classification").description
     # the adapters are artifacts of the same run as the model
     listed = {a.path for a in client.list_artifacts(mv.run_id)}
     assert {"adapter", "peft", "peft_serve"} <= listed
     assert {a.path for a in client.list_artifacts(mv.run_id, "peft_serve")} >= {"peft_serve/adapter_config.json"}
-    info = mlflow.models.get_model_info("models:/sst2-tiny@champion")
+    info = mlflow.models.get_model_info("models:/sst2-classification@champion")
     assert "transformers" in info.flavors and info.flavors["transformers"]["task"] == "text-classification"
     assert info.signature.inputs.input_types() and info.signature.outputs.input_names() == ["label", "score"]
     assert info.saved_input_example_info is not None
@@ -188,7 +219,7 @@ def test_pyfunc_classification_matches_the_merged_model(sst2_repo):
     import mlflow
 
     repo, _ = sst2_repo
-    out = mlflow.pyfunc.load_model("models:/sst2-tiny@champion").predict(SST2)
+    out = mlflow.pyfunc.load_model("models:/sst2-classification@champion").predict(SST2)
     probs = _merged_classifier(repo, SST2).softmax(-1)
     assert list(out["label"]) == [["negative", "positive"][i] for i in probs.argmax(-1).tolist()]
     torch.testing.assert_close(torch.tensor(out["score"].to_numpy(), dtype=torch.float32), probs.max(-1).values,
@@ -200,7 +231,7 @@ def test_mlflow_models_serve_answers_rest_requests(sst2_repo):
     port = free_port()
     log = repo / "serve.log"
     env = service_env(MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/sst2-tiny@champion",
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/sst2-classification@champion",
            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -226,7 +257,7 @@ def test_pyfunc_regression_returns_the_merged_score(tmp_path, tokenizer, monkeyp
 
     repo = promoted_repo(tmp_path, "regression", tokenizer)
     _run_promote(repo, monkeypatch)
-    model = mlflow.pyfunc.load_model("models:/stsb-tiny@champion")
+    model = mlflow.pyfunc.load_model("models:/stsb-regression@champion")
     assert model.metadata.get_model_info().flavors["transformers"]["task"] == "text-classification"
     out = model.predict(STSB)
     assert set(out["label"]) == {"score"}
@@ -241,7 +272,7 @@ def test_pyfunc_causal_lm_generates_like_the_merged_model(tmp_path, tokenizer, m
 
     repo = promoted_repo(tmp_path, "causal_lm", tokenizer)
     _run_promote(repo, monkeypatch)
-    model = mlflow.pyfunc.load_model("models:/alpaca-tiny@champion")
+    model = mlflow.pyfunc.load_model("models:/alpaca-causal-lm@champion")
     assert model.metadata.get_model_info().flavors["transformers"]["task"] == "text-generation"
     merged = AutoModelForCausalLM.from_pretrained(repo / "data/merge/model").eval()
 
@@ -259,6 +290,26 @@ def test_pyfunc_causal_lm_generates_like_the_merged_model(tmp_path, tokenizer, m
     # the saved config (greedy, 32 new tokens, no prompt echo), then a request that overrides one param
     assert [" ".join(o.split()) for o in model.predict(PROMPTS)] == greedy(32)
     assert [" ".join(o.split()) for o in model.predict(PROMPTS, params={"max_new_tokens": 8})] == greedy(8)
+
+
+def test_pyfunc_pruned_lm_with_per_layer_widths_generates_like_the_merged_model(tmp_path, tokenizer, monkeypatch):
+    import mlflow
+
+    from lora_ops.pruning import load_pruned_model
+
+    repo = promoted_repo(tmp_path, "pruned_lm", tokenizer)
+    _run_promote(repo, monkeypatch)
+    model = mlflow.pyfunc.load_model("models:/alpaca-pruned-lm@champion")
+    assert "python_function" in model.metadata.flavors and "transformers" not in model.metadata.flavors
+    out = model.predict(PROMPTS, params={"max_new_tokens": 6})
+    merged = load_pruned_model(repo / "data/merge/model").eval()
+    expected = []
+    for prompt in PROMPTS:
+        enc = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
+        with torch.no_grad():
+            ids = merged.generate(**enc, max_new_tokens=6, do_sample=False)
+        expected.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert all(e.strip() for e in expected) and list(out) == expected
 
 
 def test_promote_without_merged_model_fails_in_one_line(tmp_path, tokenizer):

@@ -143,7 +143,8 @@ def _pruned_model() -> Any:
             self.model = load_pruned_model(Path(context.artifacts["model"])).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model"])
 
-        def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+        # no type hints here on purpose: MLflow would derive a second, conflicting schema from them
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
             import torch
 
             cfg = {**GENERATION, **(params or {})}
@@ -152,7 +153,8 @@ def _pruned_model() -> Any:
             out = []
             with torch.no_grad():
                 for prompt in prompts:
-                    enc = self.tokenizer(prompt, return_tensors="pt")
+                    # token_type_ids: some tokenizers return them, causal LMs' generate() refuses them
+                    enc = self.tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
                     ids = self.model.generate(**enc, max_new_tokens=int(cfg["max_new_tokens"]),
                                               do_sample=bool(cfg["do_sample"]))
                     start = 0 if keep_prompt else enc["input_ids"].shape[1]
