@@ -59,6 +59,15 @@ class StageFailed(RuntimeError):
         return self.returncode != EXIT_BAD_INPUT
 
 
+class StageStopped(StageFailed):
+    """The flow run was told to stop (SIGTERM) while a stage ran: the stage checkpointed and exited.
+    Never retried: the run ends FAILED and the next run resumes from the checkpoint."""
+
+    @property
+    def transient(self) -> bool:
+        return False
+
+
 # ----------------------------------------------------------------------------- overrides
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -164,13 +173,80 @@ def _error_line(output: str) -> str:
     return errors[-1] if errors else (lines[-1] if lines else "no output")
 
 
+SHELLS = {"sh", "bash", "dash", "zsh", "fish"}
+STOP_GRACE_S = 120  # how long a stopped stage may take to write its checkpoint before it is killed
+
+
+def _stop_stage(proc: subprocess.Popen) -> None:
+    """SIGTERM the stage under ``dvc`` (not DVC, not the shell DVC runs it in, so that both wait for the
+    stage and DVC records its failure), wait for it to checkpoint and exit, kill whatever is left."""
+    import signal
+
+    import psutil  # a dependency of dvc
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for child in children:
+        try:
+            if child.name() not in SHELLS:
+                child.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except BaseException:  # noqa: BLE001 - too slow, or a second SIGTERM: stop everything now
+        for p in [*children, proc]:
+            with contextlib.suppress(Exception):
+                p.kill()
+        proc.wait()
+
+
+def _run_stoppable(cmd: list[str], repo: str, env: dict[str, str], stage: str) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that passes a stop of the flow run on to the stage.
+
+    Prefect turns SIGTERM to the flow process into ``TerminationSignal`` (Ctrl-C: KeyboardInterrupt)
+    while we wait here; plain ``subprocess.run`` would then SIGKILL dvc and orphan the stage, which
+    would run on, unseen. Instead the stage gets SIGTERM (finetune checkpoints at the next step and
+    exits 143), DVC records the failure, and the run ends FAILED via :class:`StageStopped`, never
+    retried. A cancellation that Prefect's runner announced keeps its own exception (CANCELLED)."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=out, stderr=err, text=True)
+        try:
+            proc.wait()
+        except BaseException as exc:
+            _stop_stage(proc)
+            if _cancel_announced():
+                raise
+            err.seek(0)
+            tail = _error_line(err.read())
+            name = "SIGTERM" if type(exc).__name__ == "TerminationSignal" else type(exc).__name__
+            raise StageStopped(stage, proc.returncode, f"flow run stopped by {name}; the stage stopped at its "
+                                                       f"last checkpoint ({tail}); run again to resume") from None
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+def _cancel_announced() -> bool:
+    """Whether Prefect's runner announced this SIGTERM as a cancellation (then Prefect marks CANCELLED)."""
+    try:
+        from prefect._internal import control_listener
+
+        return control_listener.get_intent() is not None
+    except Exception:  # noqa: BLE001 - private API: without it, treat the signal as a plain stop
+        return False
+
+
 @task(name="dvc-stage", retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_transient,
       task_run_name="{stage}")
 def run_stage(stage: str, repo: str, env: dict[str, str] | None = None) -> str:
     """Run one stage through DVC; returns 'ran' or 'skipped'."""
     logger = get_run_logger()
-    proc = subprocess.run(["dvc", "repro", "--single-item", stage], cwd=repo, env=_env(env),
-                          capture_output=True, text=True)
+    proc = _run_stoppable(["dvc", "repro", "--single-item", stage], repo, _env(env), stage)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         # DVC exits 255 for a failed command; the stage's own code is in its message
@@ -350,8 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    result = pipeline(overrides=overrides, repo=args.repo, stages=args.stages, experiment_name=args.name,
-                      save_as_experiment=not args.no_exp, retries=args.retries)
+    try:
+        result = pipeline(overrides=overrides, repo=args.repo, stages=args.stages, experiment_name=args.name,
+                          save_as_experiment=not args.no_exp, retries=args.retries)
+    except StageFailed as exc:  # the flow run is FAILED in Prefect; here one line is enough
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT if exc.returncode == EXIT_BAD_INPUT else 1
     print(json.dumps({k: result[k] for k in ("stages", "metrics", "model_version", "experiment")}, indent=2,
                      default=str))
     return 0

@@ -8,10 +8,16 @@ says so, and the version it replaces keeps ``previous-champion`` so a rollback i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import random
 import re
-from collections.abc import Mapping
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -201,10 +207,71 @@ def _restore(client: Any, name: str, before: dict[str, str], touched: list[str])
             pass
 
 
-def register_and_decide(client: Any, name: str, source: str, run_id: str | None, metrics: Mapping[str, Any],
-                        tags: Mapping[str, str], limits: Limits, metric: str = "score",
-                        description: str = "", model_id: str | None = None,
-                        model_description: str | None = None) -> dict[str, Any]:
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_LEASE_S = 120.0  # a lock older than this was left by a promoter that died: it may be taken over
+
+
+@contextlib.contextmanager
+def promotion_lock(client: Any, name: str, timeout_s: float = 300.0, poll_s: float = 0.5) -> Iterator[str]:
+    """One promotion at a time into registered model ``name``, across processes and machines.
+
+    Promotion reads the champion, decides and moves aliases; two pipelines doing that at once would
+    both compare against the same old champion and the slower one would win ``champion`` whatever
+    its score. The registry has no compare-and-set, but creating a registered model is atomic on
+    every store (the name is unique), so a registered model ``<name>.promotion-lock`` is the mutex;
+    its ``expires`` tag lets a later promoter take over the lock of one that died."""
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{name}{LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + timeout_s
+    held: dict[str, str] = {}
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"holder": holder, "expires": repr(time.time() + LOCK_LEASE_S)},
+                                           description=f"held while a promotion into {name} runs")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock).tags
+            if float(held.get("expires", "0")) < time.time():  # its holder died: take over
+                if client.get_registered_model(lock).tags.get("holder") == held.get("holder"):
+                    client.delete_registered_model(lock)
+                continue
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue  # released meanwhile
+            raise
+        if time.monotonic() > deadline:
+            raise MlflowException(f"promotion lock {lock!r} held by {held.get('holder')} for over {timeout_s:.0f}s; "
+                                  f"if no promotion is running, delete registered model {lock!r}")
+        time.sleep(poll_s * (0.5 + random.random()))  # jitter: waiters do not retry in lockstep
+    try:
+        yield holder
+    finally:
+        for attempt in range(3):  # best effort: a lock left behind expires after LOCK_LEASE_S
+            try:
+                if client.get_registered_model(lock).tags.get("holder") == holder:
+                    client.delete_registered_model(lock)
+                break
+            except Exception:  # noqa: BLE001 - registry away: try again shortly, then leave it to expire
+                if attempt < 2:
+                    time.sleep(2.0)
+
+
+def register_and_decide(client: Any, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`register_unlocked` under the registered model's :func:`promotion_lock`: concurrent
+    promotions into one model apply one after another, each against the champion the last one left."""
+    with promotion_lock(client, name):
+        return register_unlocked(client, name, *args, **kwargs)
+
+
+def register_unlocked(client: Any, name: str, source: str, run_id: str | None, metrics: Mapping[str, Any],
+                      tags: Mapping[str, str], limits: Limits, metric: str = "score",
+                      description: str = "", model_id: str | None = None,
+                      model_description: str | None = None) -> dict[str, Any]:
     """Create a version of ``name`` from ``source``, decide, and move the aliases.
 
     Returns the decision record (also stored as version tags). The champion is read *before*
