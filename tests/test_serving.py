@@ -131,10 +131,12 @@ def promoted_repo(root: Path, kind: str, tokenizer) -> Path:
     (repo / "data/decide").mkdir(parents=True)
     (repo / "data/decide/plan.json").write_text(json.dumps(plan))
     main = {"classification": "accuracy", "regression": "pearson"}.get(kind, "wikitext2_ppl")
-    metrics = {main: 30.0 if main == "wikitext2_ppl" else 0.8, "main_metric": main, "stored_params": counts["stored"],
+    key = main if main == "wikitext2_ppl" else f"dev_{main}"  # as evaluate names them
+    metrics = {key: 30.0 if main == "wikitext2_ppl" else 0.8, "main_metric": main, "score_split": "dev",
+               "stored_params": counts["stored"],
                "trainable_params": counts["trainable"], "latency_merged_ms": 1.0, "gain_over_trivial": 0.3,
                "trivial_score": 0.5, "constant_predictions": False}
-    metrics["score"] = metrics[main]
+    metrics["score"] = metrics[key]
     (repo / "data/evaluate").mkdir(parents=True)
     (repo / "data/evaluate/metrics.json").write_text(json.dumps(metrics))
     if kind == "classification":
@@ -201,8 +203,8 @@ def test_champion_is_an_mlflow_model_with_card_adapters_and_lineage(sst2_repo):
     assert mv.source == f"models:/{mv.tags['serving.model_id']}"  # the logged MLflow Model, not a raw folder
     assert mv.tags["serving.task"] == "text-classification" and mv.tags["method"] == "lora"
     assert mv.tags["lineage.adapter_sha256"] and mv.tags["lineage.plan_sha256"]  # lineage tags stay
-    for words in ("`lora`", "`sst2`", "tiny-random", "accuracy", "params", "bytes", "mlflow models serve",
-                  "negative, positive"):
+    for words in ("`lora`", "`sst2`", "tiny-random", "| dev_accuracy | 0.8 |", "| score (accuracy, dev) | 0.8 |",
+                  "| trivial_score | 0.5 |", "params", "bytes", "mlflow models serve", "negative, positive"):
         assert words in mv.description
     assert "mlflow models serve" not in client.get_registered_model("sst2-classification").description
     # the adapters are artifacts of the same run as the model

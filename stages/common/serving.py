@@ -196,7 +196,14 @@ def _fmt(value: Any) -> str:
 def model_card(name: str, task: Task, method: str, base_model: str, metrics: dict[str, Any],
                parameters: dict[str, Any], adapter_bytes: dict[str, int], served: Served, run_id: str) -> str:
     """The version's description (Markdown, short): what it is, how good, how big, how to load it."""
-    shown = [m for m in (*task.metrics, "latency_merged_ms") if isinstance(metrics.get(m), (int, float))]
+    # task metrics as evaluate names them (dev_<m>, validation_<m>; plain <m> in older runs), then the
+    # trivial predictor's score and latency, so the card says how good the model is against what
+    candidates = [f"{split}{m}" for m in task.metrics for split in ("dev_", "validation_", "")]
+    candidates += ["score", "trivial_score", "gain_over_trivial", "latency_merged_ms"]
+    shown = [m for m in dict.fromkeys(candidates)
+             if isinstance(metrics.get(m), (int, float)) and not isinstance(metrics.get(m), bool)]
+    main, split = metrics.get("main_metric"), metrics.get("score_split")
+    label_score = f"score ({main}{', ' + str(split) if split else ''})" if main else "score"
     kind = ("text generation (greedy, new tokens only)" if served.hf_task == "text-generation"
             else "regression score" if task.is_regression
             else f"text classification ({', '.join(label_names(task))})")
@@ -204,7 +211,7 @@ def model_card(name: str, task: Task, method: str, base_model: str, metrics: dic
         f"**{name}**: `{method}` adapter merged into `{base_model}`, task `{task.name}` — {kind}.",
         "",
         "| metric | value |", "|---|---:|",
-        *[f"| {m} | {_fmt(metrics[m])} |" for m in shown],
+        *[f"| {label_score if m == 'score' else m} | {_fmt(metrics[m])} |" for m in shown],
         "",
         "Adapter: " + ", ".join(f"{k} {_fmt(v)} params" for k, v in parameters.items())
         + ("; files " + ", ".join(f"{k} {_fmt(v)} bytes" for k, v in adapter_bytes.items()) if adapter_bytes else ""),
