@@ -211,6 +211,8 @@ def test_champion_is_an_mlflow_model_with_card_adapters_and_lineage(sst2_repo):
     listed = {a.path for a in client.list_artifacts(mv.run_id)}
     assert {"adapter", "peft", "peft_serve"} <= listed
     assert {a.path for a in client.list_artifacts(mv.run_id, "peft_serve")} >= {"peft_serve/adapter_config.json"}
+    # the MLflow Model sits in the experiment's artifact location, not in a stray ./mlruns
+    assert not (repo / "mlruns").exists() and list((repo / "mlartifacts").rglob("MLmodel"))
     info = mlflow.models.get_model_info("models:/sst2-classification@champion")
     assert "transformers" in info.flavors and info.flavors["transformers"]["task"] == "text-classification"
     assert info.signature.inputs.input_types() and info.signature.outputs.input_names() == ["label", "score"]

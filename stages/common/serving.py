@@ -165,24 +165,29 @@ def _pruned_model() -> Any:
 
 
 def log(served: Served, model_dir: Path, run_id: str) -> Any:
-    """Log the served model under ``run_id`` (artifact name ``model``); returns MLflow's ModelInfo."""
-    if served.pruned_lm:
-        import mlflow.pyfunc
+    """Log the served model under ``run_id`` (artifact name ``model``); returns MLflow's ModelInfo.
 
-        import lora_ops
+    The stage's run is made the active run while logging: MLflow 3 creates the LoggedModel in the
+    *active* experiment, and without an active run that is the default one, whose artifacts land
+    in ``./mlruns`` instead of the experiment's own artifact location. Leaving the block ends the
+    run as FINISHED; the stage's own exit sets the final status (FAILED on any later error).
+    """
+    import mlflow
 
-        # pyfunc.log_model takes no run_id: attach through the fluent API (resuming the stage's run)
-        with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id):
+        if served.pruned_lm:
+            import lora_ops
+
             return mlflow.pyfunc.log_model(
                 name="model", python_model=_pruned_model(), artifacts={"model": str(model_dir)},
                 code_paths=[str(Path(lora_ops.__file__).parent)], signature=served.signature,
                 input_example=served.input_example, pip_requirements=pip_requirements())
-    import mlflow.transformers
+        import mlflow.transformers
 
-    return mlflow.transformers.log_model(
-        served.pipeline, name="model", task=served.hf_task, signature=served.signature,
-        input_example=served.input_example, model_config=served.model_config or None,
-        pip_requirements=pip_requirements(), run_id=run_id)
+        return mlflow.transformers.log_model(
+            served.pipeline, name="model", task=served.hf_task, signature=served.signature,
+            input_example=served.input_example, model_config=served.model_config or None,
+            pip_requirements=pip_requirements())
 
 
 def _fmt(value: Any) -> str:
