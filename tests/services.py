@@ -169,3 +169,37 @@ class FlakyProxy:
     def close(self) -> None:
         self._closed = True
         self.sock.close()
+
+
+class RestartableMlflow:
+    """An ``mlflow server`` on a fixed 127.0.0.1 port and sqlite store that a test can kill (as a crash)
+    and start again on the same port and data, to take the tracking server away mid-run."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> str:
+        log = self.workdir / "mlflow-server.log"
+        cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
+               "--artifacts-destination", str(self.workdir / "mlartifacts"), "--host", "127.0.0.1",
+               "--port", str(self.port), "--workers", "1"]
+        with open(log, "a") as fh:
+            self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=service_env(), stdout=fh,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_healthy(f"{self.url}/health", self.proc, log, timeout=120)
+        return self.url
+
+    def kill(self) -> None:
+        """SIGKILL the whole server (no graceful shutdown: a crash or a pulled cable)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
