@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export OMP_WAIT_POLICY := PASSIVE
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
-.PHONY: setup repro test lint bench flow compare serve clean
+.PHONY: setup repro test lint bench flow compare serve ui prefect-server clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,15 @@ compare: setup
 
 serve: setup
 	$(PY) -m flows.serve
+
+# Local servers bind loopback; HOST=0.0.0.0 only behind a firewall or an authenticating proxy (README)
+HOST ?= 127.0.0.1
+ui: setup
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	  --artifacts-destination $(CURDIR)/mlartifacts --host $(HOST) --port 5000 --workers 1
+
+prefect-server: setup
+	PREFECT_SERVER_API_HOST=$(HOST) PREFECT_SERVER_API_PORT=4200 $(VENV)/bin/prefect server start
 
 clean:
 	rm -rf $(VENV) .pytest_cache
