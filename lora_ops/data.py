@@ -74,6 +74,7 @@ class BatchSource:
         group_by_length: bool = False,
         pad_to_multiple_of: int | None = None,
         bucket_batches: int = 50,
+        dynamic_padding: bool = True,
     ) -> None:
         lengths = {len(v) for v in features.values()}
         if len(lengths) != 1:
@@ -96,6 +97,7 @@ class BatchSource:
         self.group_by_length = self.lengths is not None
         self.pad_to_multiple_of = pad_to_multiple_of
         self.bucket_batches = bucket_batches
+        self.dynamic_padding = dynamic_padding  # False: every batch keeps the stored (max_length) width
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
@@ -140,7 +142,7 @@ class BatchSource:
     def collate(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         batch = {k: v[idx] for k, v in self.features.items()}
         mask = batch.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and len(idx) > 0:
+        if self.dynamic_padding and mask is not None and mask.dim() == 2 and len(idx) > 0:
             full = mask.shape[1]
             width = int(mask.sum(dim=1).max().item())
             if self.pad_to_multiple_of:

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from method_cases import build_case, load_state, save_state
 
 from lora_ops import available_methods
-from lora_ops.methods import AdapterConfig, MethodContext, get_method
-from lora_ops.targets import find_targets, freeze_all_but
 
 METHODS = [m for m in available_methods() if m != "loraprune"] + (
     ["loraprune"] if "loraprune" in available_methods() else [])
@@ -25,44 +24,7 @@ STEPS_PER_EPOCH = 5  # 40 examples, global batch 8
 
 
 def _model_and_data(method_name: str):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from lora_ops.data import BatchSource  # noqa: F401 (imported in workers)
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = BertForSequenceClassification(cfg)
-    method = get_method(method_name)
-    params = method.params_model()
-    overrides = {"dora_dr": {"prune_interval": 2}, "adalora": {"delta_t": 2},
-                 "loraprune": {"ratio": 0.5, "prune_every": 2}}.get(method_name, {})
-    if overrides:
-        params = method.params_model(**{**params.model_dump(), **overrides})
-    ctx = MethodContext(adapter=AdapterConfig(rank=4, alpha=8, dropout=0.0), params=params, seed=0)
-    ctx.train.progress = False
-    targets = find_targets(model, "all")
-    gen = torch.Generator().manual_seed(5)
-    feats = {"input_ids": torch.randint(1, 120, (40, 12), generator=gen),
-             "attention_mask": torch.ones(40, 12, dtype=torch.long),
-             "labels": torch.randint(0, 2, (40,), generator=gen)}
-    freeze_all_but(model, ["classifier"])
-    if method_name == "lora_drop":  # fixed energies: the sharing plan, not the probe, is under test here
-        scores = [{"module": t.name, "group": t.group, "role": t.role, "layer": t.layer, "energy": 1.0 + t.layer,
-                   "importance": (1.0 + t.layer) / 6.0} for t in targets]
-    elif method.needs_calibration:  # structure (loraprune) or quantizer ranges (blora) from the model
-        from lora_ops.data import BatchSource
-
-        scores = method.score(method.calibrate(model, targets, BatchSource(feats, 8, shuffle=False), ctx),
-                              targets, ctx)
-    else:
-        scores = []
-    plan = method.decide(scores, targets, ctx)
-    torch.manual_seed(1)
-    method.build(model, targets, plan, ctx)
-    freeze_all_but(model, ["classifier"])
-    return model, method, plan, ctx, feats
+    return build_case(method_name)
 
 
 def _run(rank: int, world: int, method_name: str, init_file: str, out: str, epochs: int,
@@ -77,22 +39,24 @@ def _run(rank: int, world: int, method_name: str, init_file: str, out: str, epoc
         tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model, method, plan, ctx, feats = _model_and_data(method_name)
-        data = BatchSource(feats, 8, seed=3, rank=rank, world_size=world)
+        # length-grouped batches of examples of different lengths: each rank trims its slice to its own
+        # longest example, and the global batch sequence must still be the 1-process one
+        data = BatchSource(feats, 8, seed=3, rank=rank, world_size=world, group_by_length=True)
         controller = method.controller(model, plan, ctx)
         cfg = TrainConfig(epochs=epochs, lr=5e-3, warmup_ratio=0.0, checkpoint_every=2, progress=False)
 
         def checkpoint(state: dict) -> None:
             if rank == 0:
-                torch.save(state, out + ".ckpt")
+                save_state(out + ".ckpt", state)
             if kill_after is not None and state["step"] >= kill_after:
                 raise TrainingInterrupted("simulated kill")
 
-        state = torch.load(resume, weights_only=False) if resume else None
+        state = load_state(resume) if resume else None
         try:
             train(model, data, cfg, controller=controller, on_checkpoint=checkpoint, resume=state)
         except TrainingInterrupted:
             return
-        torch.save({"state": trainable_state(model), "summary": controller.summary()}, f"{out}.rank{rank}")
+        save_state(f"{out}.rank{rank}", {"state": trainable_state(model), "summary": controller.summary()})
     finally:
         if world > 1:
             tdist.destroy_process_group()
@@ -118,8 +82,8 @@ def test_two_processes_equal_one_process(method, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     _spawn(1, method, one)
     _spawn(2, method, two)
-    r1 = torch.load(one + ".rank0", weights_only=False)
-    r2 = [torch.load(f"{two}.rank{r}", weights_only=False) for r in range(2)]
+    r1 = load_state(one + ".rank0")
+    r2 = [load_state(f"{two}.rank{r}") for r in range(2)]
     # identical on every rank: adapters bit for bit, structure (masks, ranks, gates) equal
     for k in r2[0]["state"]:
         assert torch.equal(r2[0]["state"][k], r2[1]["state"][k]), k
@@ -141,10 +105,9 @@ def test_killed_two_process_run_resumes_with_one_process(tmp_path):
     ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
     _spawn(1, method, ref)
     _spawn(2, method, killed, kill_after=6)
-    assert Path(killed + ".ckpt").is_file() and not Path(killed + ".rank0").exists()
+    assert Path(killed + ".ckpt.json").is_file() and not Path(killed + ".rank0.json").exists()
     _spawn(1, method, killed, resume=killed + ".ckpt")
-    _assert_same(torch.load(killed + ".rank0", weights_only=False)["state"],
-                 torch.load(ref + ".rank0", weights_only=False)["state"])
+    _assert_same(load_state(killed + ".rank0")["state"], load_state(ref + ".rank0")["state"])
 
 
 def test_finetune_stage_launches_torchrun_when_asked(monkeypatch):

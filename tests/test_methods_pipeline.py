@@ -13,9 +13,9 @@ from helpers import scratch_repo
 from lora_ops import available_methods
 
 pytestmark = pytest.mark.slow
-STAGES = ["prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate"]
-TINY = {"data.train_size": 64, "data.dev_size": 32, "train.batch_size": 16, "train.epochs": 2,
-        "evaluate.batch_size": 32}
+STAGES = ["resolve", "prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate"]
+TINY = {"data.train_size": 64, "data.dev_size": 32, "data.validation_size": 32, "train.batch_size": 16,
+        "train.epochs": 2, "evaluate.batch_size": 32}
 CLASSIFICATION_METHODS = [m for m in available_methods() if m not in ("lora_drop", "loraprune")]
 
 
@@ -30,7 +30,7 @@ def test_method_runs_through_every_stage(method, tmp_path, monkeypatch):
     metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
     plan = json.loads((repo / "data/decide/plan.json").read_text())
     assert plan["method"] == method
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["trainable_params"] > 0
+    assert 0.0 <= metrics["dev_accuracy"] <= 1.0 and metrics["trainable_params"] > 0
     assert (repo / "data/merge/model/model.safetensors").is_file()
     assert (repo / "data/evaluate/plots/structure.png").read_bytes()[:4] == b"\x89PNG"
     peft_dir = repo / "data/merge/peft"
@@ -42,7 +42,7 @@ def test_method_runs_through_every_stage(method, tmp_path, monkeypatch):
 
 
 LM_TINY = {"model.name": "smollm2-135m", "task.name": "alpaca", "method.name": "loraprune",
-           "data.train_size": 32, "data.dev_size": 8, "model.max_length": 48, "train.batch_size": 8,
+           "data.train_size": 32, "data.dev_size": 8, "data.validation_size": 8, "model.max_length": 48, "train.batch_size": 8,
            "train.epochs": 1, "loraprune.prune_every": 1, "lm_eval.window": 64, "lm_eval.windows": 2,
            "evaluate.batch_size": 8}
 
@@ -59,6 +59,10 @@ def test_loraprune_on_smollm2_through_every_stage(tmp_path, monkeypatch):
     assert plan["grid"] and metrics["ppl_window"] == 64 and metrics["ppl_windows"] == 2
     assert metrics["wikitext2_ppl"] > 1 and metrics["ptb_ppl"] > 1
     assert metrics["params_merged"] < metrics["params_dense"]  # heads and channels physically removed
+    # the trivial predictor of a causal LM is the unadapted base model
+    assert metrics["trivial_score"] == metrics["dense_wikitext2_ppl"]
+    assert metrics["gain_over_trivial"] == metrics["dense_wikitext2_ppl"] - metrics["wikitext2_ppl"]
+    assert "validation_loss" in metrics
     # the pruned, merged model equals the masked, unmerged one
     assert metrics["max_abs_diff_unmerged_vs_merged"] < 1e-3
     assert (repo / "data/merge/peft/NOT_EXPORTED.txt").is_file()

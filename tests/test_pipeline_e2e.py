@@ -19,13 +19,26 @@ def _ran(proc) -> list[str]:
 def repo(tmp_path_factory):
     repo = scratch_repo(tmp_path_factory.mktemp("e2e") / "repo")
     first = run(["dvc", "repro"], repo)
-    assert _ran(first) == ["prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate", "promote"]
+    ran = _ran(first)
+    assert sorted(ran) == sorted(["resolve", "prepare", "calibrate", "score", "decide", "finetune", "merge",
+                                  "evaluate", "promote"])
+    assert ran.index("resolve") < ran.index("calibrate") and ran[-1] == "promote"
     return repo
 
 
 def test_metrics_and_artifacts(repo):
     metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
-    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert 0.0 <= metrics["dev_accuracy"] <= 1.0 and 0.0 <= metrics["validation_accuracy"] <= 1.0
+    assert metrics["score"] == metrics["dev_accuracy"] and metrics["score_split"] == "dev"
+    assert metrics["trivial_score"] == pytest.approx(max(metrics["trivial_accuracy"], 0.0))
+    # validation is carved from the training split and disjoint from the rows trained on
+    import pandas as pd
+
+    train = pd.read_parquet(repo / "data/prepare/train.parquet")
+    validation = pd.read_parquet(repo / "data/prepare/validation.parquet")
+    assert len(validation) == 64 and len(train) == 160
+    timings = json.loads((repo / "data/evaluate/timings.json").read_text())
+    assert timings["latency_merged_ms"] > 0 and "latency_merged_ms" not in metrics
     assert metrics["max_abs_diff_unmerged_vs_merged"] < 1e-4
     assert 0 < metrics["trainable_ratio_to_lora"] <= 1.0
     plan = json.loads((repo / "data/decide/plan.json").read_text())
@@ -49,7 +62,11 @@ def test_merged_folder_and_peft_export_load_without_lora_sieve(repo):
 
 
 def test_second_repro_does_nothing_and_eval_param_reruns_only_evaluate(repo):
+    import time
+
+    start = time.perf_counter()
     assert _ran(run(["dvc", "repro"], repo)) == []
+    print(f"no-op dvc repro: {time.perf_counter() - start:.2f}s")
     set_params(repo, {"evaluate.latency_batches": 2})
     assert _ran(run(["dvc", "repro"], repo)) == ["evaluate", "promote"]  # new metrics: a new registry version
 
@@ -67,3 +84,18 @@ def test_mlflow_parent_run_with_a_child_per_stage(repo):
     assert commit and len(commit[0]) >= 40
     hashes = con.execute("select count(*) from tags where key like 'dvc.stage_hash.%'").fetchone()[0]
     assert hashes > 0
+
+
+def test_only_the_selected_method_settings_are_dependencies(repo):
+    # an unselected method's section: nothing is stale
+    set_params(repo, {"bone.block_size": 8, "dora_dr.t_end": 0.6})
+    status = run(["dvc", "status"], repo).stdout
+    assert "up to date" in status, status
+    assert _ran(run(["dvc", "repro"], repo)) == []
+    # the selected method's decision key: the plan is remade, the calibration probe is not rerun
+    set_params(repo, {"lora_drop.threshold": 0.5})
+    ran = _ran(run(["dvc", "repro"], repo))
+    assert "resolve" in ran and "decide" in ran and "calibrate" not in ran, ran
+    # a calibration key reruns calibrate
+    set_params(repo, {"lora_drop.probe_lr": 5e-4})
+    assert "calibrate" in _ran(run(["dvc", "repro"], repo))

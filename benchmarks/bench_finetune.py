@@ -1,0 +1,193 @@
+"""End-to-end fine-tuning against the anchor a user would otherwise run.
+
+The same data (SST-2, 4,000 stratified training examples, the full 872-example dev set), the same
+budget (2 epochs of batch 32, AdamW lr 1e-3, weight decay 0.01, 6 % warm-up then linear decay,
+gradient clipping at 1.0), the same model (MiniLM, LoRA r 8 / alpha 16 on all six linear types,
+classification head trained), fp32, in three variants:
+
+  (a) ours, fixed padding      lora_ops' loop, every batch padded to model.max_length (64)
+  (b) ours, dynamic + grouped  lora_ops' loop, length-grouped batches padded to their longest example
+  (c) Trainer + PEFT           transformers.Trainer on a PEFT LoRA model, DataCollatorWithPadding,
+                               train_sampling_strategy="group_by_length"
+
+Each variant runs in its own subprocess (so peak RSS is its own) with the same thread count;
+the variants alternate in order over ``--repeats`` rounds and the median wall time is reported.
+Only training is timed (no evaluation inside it); dev accuracy is measured afterwards.
+
+    python benchmarks/bench_finetune.py                 # one round, three rows + ratios
+    python benchmarks/bench_finetune.py --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+VARIANTS = {"a": "ours, fixed padding (64)", "b": "ours, dynamic padding + length grouping",
+            "c": "Trainer + PEFT, DataCollatorWithPadding + group_by_length"}
+LR, EPOCHS, BATCH, MAX_LEN, TRAIN, SEED = 1e-3, 2, 32, 64, 4000, 42
+
+
+def _data(mirror: Path):
+    import torch
+
+    from lora_ops.data import stratified_indices
+    from stages.common.glue import TASKS, load_split
+
+    task = TASKS["sst2"]
+    train = load_split(task, "train", mirror)
+    train = train.iloc[stratified_indices(torch.tensor(train["label"].to_numpy()), TRAIN, SEED).numpy()]
+    dev = load_split(task, "dev", mirror)
+    return train.reset_index(drop=True), dev.reset_index(drop=True)
+
+
+def _accuracy(model, tok, dev) -> float:
+    import torch
+
+    from stages.common.pipeline import predict
+
+    enc = tok(dev["sentence"].tolist(), max_length=MAX_LEN, truncation=True, padding="max_length", return_tensors="pt")
+    logits = predict(model, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                             "token_type_ids": enc["token_type_ids"]}, 64, "cpu")
+    return float((logits.argmax(-1) == torch.tensor(dev["label"].to_numpy())).float().mean())
+
+
+def run_ours(dynamic: bool, mirror: Path) -> dict:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lora_ops.data import BatchSource
+    from lora_ops.methods import AdapterConfig, MethodContext, get_method
+    from lora_ops.targets import find_targets, freeze_all_but
+    from lora_ops.training import TrainConfig, train
+    from stages.common.models import resolve_model
+
+    train_df, dev = _data(mirror)
+    path = resolve_model("minilm").path
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(SEED)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).float()
+    method = get_method("lora")
+    ctx = MethodContext(adapter=AdapterConfig(rank=8, alpha=16), params=method.params_model(), seed=SEED)
+    targets = find_targets(model, "all")
+    method.build(model, targets, method.decide([], targets, ctx), ctx)
+    freeze_all_but(model, ["classifier"])
+    enc = tok(train_df["sentence"].tolist(), max_length=MAX_LEN, truncation=True, padding="max_length",
+              return_tensors="pt")
+    feats = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    feats["labels"] = torch.tensor(train_df["label"].to_numpy())
+    data = BatchSource(feats, BATCH, seed=SEED, group_by_length=dynamic, dynamic_padding=dynamic)
+    cfg = TrainConfig(epochs=EPOCHS, lr=LR, weight_decay=0.01, warmup_ratio=0.06, grad_clip=1.0, progress=False)
+    tokens = sum(int(b["attention_mask"].numel()) for b in data.batches(0)) * EPOCHS
+    start = time.perf_counter()
+    train(model, data, cfg)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "computed_tokens": tokens, "dev_accuracy": _accuracy(model, tok, dev)}
+
+
+def run_trainer(mirror: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from stages.common.models import resolve_model
+
+    train_df, dev = _data(mirror)
+    path = resolve_model("minilm").path
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(SEED)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).float()
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="SEQ_CLS",
+                        target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense",
+                                        "output.dense"])
+    model = get_peft_model(model, config)
+    ds = Dataset.from_pandas(train_df[["sentence", "label"]]).map(
+        lambda b: tok(b["sentence"], max_length=MAX_LEN, truncation=True), batched=True, remove_columns=["sentence"])
+    ds = ds.rename_column("label", "labels")
+    ds = ds.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
+    args = TrainingArguments(output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "bench-finetune-trainer"),
+                             per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS, learning_rate=LR,
+                             weight_decay=0.01, warmup_ratio=0.06, lr_scheduler_type="linear", max_grad_norm=1.0,
+                             train_sampling_strategy="group_by_length", length_column_name="length",
+                             save_strategy="no", eval_strategy="no", report_to=[], logging_strategy="no",
+                             disable_tqdm=True, use_cpu=True, seed=SEED, dataloader_num_workers=0,
+                             dataloader_pin_memory=False)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tok))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    lengths = list(ds["length"])
+    loader = trainer.get_train_dataloader()
+    batches = getattr(loader, "batch_sampler", None)
+    tokens = sum(max(lengths[i] for i in b) * len(b) for b in batches) * EPOCHS if batches is not None else None
+    return {"seconds": seconds, "computed_tokens": tokens, "dev_accuracy": _accuracy(model.eval(), tok, dev)}
+
+
+def child(variant: str, mirror: Path, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    result = run_trainer(mirror) if variant == "c" else run_ours(variant == "b", mirror)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mirror", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--variants", default="abc")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, Path(args.mirror), args.threads)
+        return
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for r in range(args.repeats):
+        for v in args.variants:
+            proc = subprocess.run([sys.executable, __file__, "--child", v, "--mirror", args.mirror, "--threads",
+                                   str(args.threads)], env=env, capture_output=True, text=True)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                sys.exit(f"variant {v} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+            runs[v].append(json.loads(line[-1][7:]))
+            print(f"round {r + 1} ({v}) {VARIANTS[v]}: {runs[v][-1]['seconds']:.1f}s", flush=True)
+    from common import table
+
+    med = {v: statistics.median(x["seconds"] for x in rs) for v, rs in runs.items()}
+    rows = []
+    for v, rs in runs.items():
+        last = rs[-1]
+        rows.append((f"({v}) {VARIANTS[v]}", f"{med[v]:.1f}", f"{EPOCHS * TRAIN / med[v]:.1f}",
+                     f"{max(x['peak_rss_mb'] for x in rs):.0f}", f"{100 * last['dev_accuracy']:.2f}",
+                     f"{last['computed_tokens']:,}" if last.get("computed_tokens") else "-"))
+    print(f"\nSST-2 {TRAIN} examples, {EPOCHS} epochs, batch {BATCH}, LoRA r 8 on all six linear types, fp32, "
+          f"{args.threads} threads, median of {args.repeats} round(s)\n")
+    print(table(rows, ("variant", "train wall s", "examples/s", "peak RSS MiB", "dev acc %", "tokens computed")))
+    if {"a", "b", "c"} <= set(runs):
+        print(f"\n(b)/(c) wall time: {med['b'] / med['c']:.2f}x   (b)/(a): {med['b'] / med['a']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
