@@ -63,6 +63,16 @@ def _fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
+def label_prior(train, task) -> dict | None:
+    """What the trivial predictor knows of the training labels: the new head starts there."""
+    if is_lm(task):
+        return None
+    if task.is_regression:
+        return {"mean": float(train["label"].astype(float).mean())}
+    counts = train["label"].value_counts()
+    return {"class_shares": [float(counts.get(c, 0)) / len(train) for c in range(task.num_labels)]}
+
+
 def main() -> None:
     params = load_params()
     task = task_of(params)
@@ -87,7 +97,8 @@ def main() -> None:
         info = {"name": ref.name, "path": ref.path, "source": ref.source, "fingerprint": _fingerprint(ref.path),
                 "task": task.name, "kind": getattr(task, "kind", "classification"), "num_labels": task.num_labels, "fields": list(task.fields),
                 "metrics": list(task.metrics), "main_metric": task.main_metric,
-                "train_rows": len(train), "validation_rows": len(validation), "dev_rows": len(dev)}
+                "train_rows": len(train), "validation_rows": len(validation), "dev_rows": len(dev),
+                "label_prior": label_prior(train, task)}
         write_json(Paths.model_ref, info)
         run.log_metrics({"train_rows": len(train), "validation_rows": len(validation), "dev_rows": len(dev)})
         if not task.is_regression and not is_lm(task):

@@ -184,6 +184,38 @@ def load_for_classification(ref: ModelRef, num_labels: int) -> LoadedModel:
     return LoadedModel(model.float(), tokenizer, heads, "encoder")
 
 
+def init_head_at_prior(model: nn.Module, head_modules: list[str], prior: dict | None) -> bool:
+    """Start a new classification/regression head at the trivial predictor: its output bias is the
+    log of the training class shares (classification) or the training label mean (regression).
+
+    Why: a zero bias makes the first part of a short budget go into learning the label prior
+    instead of the task. For regression it is worse: with MSE on labels 0-5, the gradient is
+    dominated by the offset to the mean, which AdamW at lr 1e-3 cannot cover in a few hundred
+    steps (STS-B dev Pearson 0.05 with a zero bias, 0.84 from the mean); on CoLA the head sat at the
+    label entropy for the whole run. Returns whether a bias was set.
+    """
+    import math
+
+    import torch
+
+    if not prior:
+        return False
+    for name in head_modules:
+        linears = [m for m in model.get_submodule(name).modules() if isinstance(m, nn.Linear)]
+        last = linears[-1] if linears else None  # the head's output projection
+        if last is None or last.bias is None:
+            continue
+        with torch.no_grad():
+            if "mean" in prior and last.out_features == 1:
+                last.bias.fill_(prior["mean"])
+                return True
+            shares = prior.get("class_shares")
+            if shares and last.out_features == len(shares):
+                last.bias.copy_(torch.tensor([math.log(max(s, 1e-6)) for s in shares]))
+                return True
+    return False
+
+
 def load_causal_lm(ref: ModelRef) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

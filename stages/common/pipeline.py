@@ -19,7 +19,13 @@ from lora_ops.training import TrainConfig
 from stages.common import runtime
 from stages.common.io import read_json
 from stages.common.lm import tokenize_lm
-from stages.common.models import LoadedModel, ModelRef, load_causal_lm, load_for_classification
+from stages.common.models import (
+    LoadedModel,
+    ModelRef,
+    init_head_at_prior,
+    load_causal_lm,
+    load_for_classification,
+)
 from stages.common.params import Params
 from stages.common.tasks import Task, get_task, is_lm
 
@@ -124,7 +130,9 @@ def load_base(params: Params) -> LoadedModel:
     runtime.seed_everything(runtime.derive_seed(params.seed, "head"))
     if is_lm(task):
         return load_causal_lm(model_ref(params))
-    return load_for_classification(model_ref(params), task.num_labels)
+    loaded = load_for_classification(model_ref(params), task.num_labels)
+    init_head_at_prior(loaded.model, loaded.head_modules, read_json(Paths.model_ref).get("label_prior"))
+    return loaded
 
 
 @dataclass
