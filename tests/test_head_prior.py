@@ -24,7 +24,7 @@ def test_classification_head_predicts_the_class_shares_before_training():
         model.classifier.weight.zero_()  # isolate the bias: the output is then the prior exactly
         probs = model(input_ids=torch.randint(1, 120, (3, 5))).logits.softmax(-1)
     torch.testing.assert_close(probs, torch.tensor([[0.3, 0.7]] * 3))
-    assert model.classifier.bias[0].item() == math.log(0.3)
+    assert model.classifier.bias[0].item() == torch.tensor(math.log(0.3)).item()
 
 
 def test_regression_head_starts_at_the_training_mean_and_mismatches_are_left_alone():
