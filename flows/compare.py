@@ -30,7 +30,7 @@ from stages.common.io import atomic_path
 from stages.common.params import ConfigError
 from stages.common.tracking import git_commit, tracking_uri
 
-COLUMNS = ["task", "method", "seed", "metric", "score", "trainable_params", "stored_params", "pct_of_lora",
+COLUMNS = ["task", "method", "seed", "metric", "score", "validation_score", "trivial_score", "trainable_params", "stored_params", "pct_of_lora",
            "train_seconds", "peak_rss_mb", "peak_cuda_mb", "latency_merged_ms", "experiment", "mlflow_run_id"]
 
 
@@ -54,7 +54,8 @@ def row(result: dict[str, Any], seed: int, task: str, method: str) -> dict[str, 
     ratio = m.get("trainable_ratio_to_lora")
     return {
         "task": task, "method": method, "seed": seed, "metric": m.get("main_metric", "score"),
-        "score": m.get("score"), "trainable_params": m.get("trainable_params"),
+        "score": m.get("score"), "validation_score": m.get("best_validation"),
+        "trivial_score": m.get("trivial_score"), "trainable_params": m.get("trainable_params"),
         "stored_params": m.get("stored_params"), "pct_of_lora": None if ratio is None else 100 * ratio,
         "train_seconds": m.get("train_seconds", ft.get("seconds")), "peak_rss_mb": ft.get("peak_rss_mb"),
         "peak_cuda_mb": ft.get("peak_cuda_mb"), "latency_merged_ms": m.get("latency_merged_ms"),
@@ -73,9 +74,9 @@ def _fmt(v: Any, digits: int = 1) -> str:
 def markdown(df: pd.DataFrame, header: str) -> str:
     """Mean (± std over seeds when there are several) per task and method."""
     lines = [header, "",
-             "| task | method | metric | score | trainable params | stored params | % of LoRA | train time (s) "
+             "| task | method | metric | score (dev) | trivial | trainable params | stored params | % of LoRA | train time (s) "
              "| peak RSS (MB) | latency merged (ms/batch) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     cuda = df["peak_cuda_mb"].notna().any()
     if cuda:
         lines[2] = lines[2].replace("| peak RSS (MB) |", "| peak RSS (MB) | peak GPU (MB) |")
@@ -85,7 +86,8 @@ def markdown(df: pd.DataFrame, header: str) -> str:
         shown = f"{score.mean():.4f}"
         if len(g) > 1:
             shown += f" ± {score.std(ddof=1):.4f} (n={len(g)})"
-        cells = [task, method, g["metric"].iloc[0], shown, _fmt_int(g["trainable_params"].mean()),
+        cells = [task, method, g["metric"].iloc[0], shown, _fmt(g["trivial_score"].astype(float).mean(), 4),
+                 _fmt_int(g["trainable_params"].mean()),
                  _fmt_int(g["stored_params"].mean()), _fmt(g["pct_of_lora"].mean()),
                  _fmt(g["train_seconds"].mean()), _fmt(g["peak_rss_mb"].mean(), 0)]
         if cuda:
@@ -185,7 +187,7 @@ def compare(methods: list[str], tasks: list[str] | None = None, seeds: list[int]
     p0 = params[0]
     header = (f"Model `{p0.model.name}`, train size {p0.data.train_size}, {p0.train.epochs} epoch(s), "
               f"batch {p0.train.batch_size}, adapter rank {p0.adapter.rank} on `{p0.adapter.targets}`; "
-              f"dev-set metric; git {git_commit(root)[:12]}, {time.strftime('%Y-%m-%d')}.")
+              f"dev-set metric (the epoch chosen on the validation split carved from train); git {git_commit(root)[:12]}, {time.strftime('%Y-%m-%d')}.")
     files = [out / "compare.md", out / "compare.csv", out / "compare.png"]
     with atomic_path(files[1]) as tmp:
         df.to_csv(tmp, index=False)
