@@ -13,10 +13,10 @@ def main() -> None:
     params = load_params()
     shapes.check_model_shapes(params)  # impossible for this model (rank > width...): fail before training
     method, ctx = method_context(params)
+    scores = read_records(Paths.importance)  # a damaged input: one line, before any run is opened
     with StageRun("decide", params.model_dump()) as run:
         from lora_ops.targets import find_targets
 
-        scores = read_records(Paths.importance)
         loaded = load_base(params)
         targets = find_targets(loaded.model, params.adapter.targets)
         plan = method.decide(scores, targets, ctx)

@@ -13,8 +13,8 @@ from stages.common.tracking import StageRun
 def main() -> None:
     params = load_params()
     method, ctx = method_context(params)
+    rows = read_records(Paths.measurements)  # a damaged input: one line, before any run is opened
     with StageRun("score", params.model_dump()) as run:
-        rows = read_records(Paths.measurements)
         targets = find_targets(load_base(params).model, params.adapter.targets) if rows else []
         scores = method.score(rows, targets, ctx) if rows else []
         write_records(Paths.importance, scores, ["module", "group", "importance"])

@@ -117,6 +117,39 @@ def test_disk_full_while_writing_merged_model_keeps_previous(trained, tmp_path):
     assert (merged / "config.json").is_file()
 
 
+# ----------------------------------------------------------------------------- damaged artifacts, real stages
+
+@pytest.mark.parametrize("stage, artifact, damage, producer", [
+    ("merge", "data/finetune/adapter.safetensors", "truncate", "finetune"),
+    ("decide", "data/score/importance.parquet", "truncate", "score"),
+    ("finetune", "data/decide/plan.json", "foreign", "decide"),
+])
+def test_damaged_artifact_is_one_line_and_writes_nothing(trained, tmp_path, stage, artifact, damage, producer):
+    repo = _copy(trained, tmp_path)
+    path = repo / artifact
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    else:
+        path.write_text(json.dumps([{"method": "lora"}]))  # valid JSON, not a plan
+    outputs = repo / "data" / stage
+    before = _tree_digest(outputs) if outputs.exists() else {}
+    runs_before = _mlflow_runs(repo)
+    proc = run([sys.executable, "-m", f"stages.{stage}"], repo, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error [{stage}]: {artifact}"), lines
+    assert f"rerun the {producer} stage" in lines[0]
+    assert (_tree_digest(outputs) if outputs.exists() else {}) == before  # nothing written
+    assert _mlflow_runs(repo) == runs_before  # not even a tracking run
+
+
+def _mlflow_runs(repo: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        return db.execute("select count(*) from runs").fetchone()[0]
+
+
 # ----------------------------------------------------------------------------- tracking server down
 
 def test_mlflow_server_dies_mid_finetune(prepared, tmp_path):
@@ -203,7 +236,7 @@ def test_sigterm_to_flow_run_stops_at_checkpoint_and_resumes(prepared, tmp_path)
 # ----------------------------------------------------------------------------- concurrent promotions
 
 def _race(url: str, name: str, unlocked: bool) -> list[dict]:
-    start_at = time.time() + 20  # both workers import, then enter promotion in the same second
+    start_at = time.time() + 12  # both workers import, then enter promotion in the same second
     procs = [subprocess.Popen([sys.executable, "tests/promote_worker.py", url, name, str(score), str(start_at)]
                               + (["--unlocked"] if unlocked else []), cwd=Path(__file__).resolve().parents[1],
                               env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
