@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
@@ -105,10 +104,9 @@ def main() -> None:
                 model_description=f"{params.task.name} on {params.model.name}: one version per pipeline run; "
                                   "aliases champion / challenger / previous-champion")
         except MlflowException as exc:
-            # one line for the flow/DVC log; the traceback follows (exit 1: transient, may be retried)
-            print(f"error [promote]: registry at {tracking_uri(Path('.'))} failed during promotion of {name} "
-                  f"({str(exc)[:300]}); aliases it had moved were put back (best effort)", file=sys.stderr)
-            raise
+            # the stage boundary prints it as one line and exits 1 (transient: the flow may retry)
+            raise MlflowException(f"registry at {tracking_uri(Path('.'))} failed during promotion of {name} "
+                                  f"({str(exc)[:300]}); aliases it had moved were put back (best effort)") from None
         run.set_tags({"promotion.name": name, "promotion.version": record["version"],
                       "promotion.decision": "promoted" if record["promoted"] else "rejected",
                       "promotion.reasons": json.dumps(record["reasons"])[:5000]}, parent=True)

@@ -82,7 +82,10 @@ def error_exit(exc: BaseException, name: str) -> int | None:
     elif type(exc).__name__ == "MlflowException" or type(exc).__module__.startswith("mlflow"):
         from stages.common.tracking import tracking_uri
 
-        message = f"MLflow tracking at {tracking_uri(Path('.'))} failed: {str(exc)[:300]}"
+        uri = tracking_uri(Path("."))
+        text = getattr(exc, "message", None) or str(exc)
+        # a stage that already said where and what (promote) keeps its own words
+        message = text[:600] if uri in text else f"MLflow tracking at {uri} failed: {text[:300]}"
         code = EXIT_TRANSIENT
     else:
         return None

@@ -103,10 +103,10 @@ def build(model_dir: Path, task: Task, dev: pd.DataFrame | None = None) -> Serve
             tokenizer.pad_token = tokenizer.eos_token
         if needs_pruned_loader(model_dir):
             return Served("text-generation", None, sig, example, dict(GENERATION), pruned_lm=True)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True).eval()
         pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
         return Served("text-generation", pipe, sig, example, dict(GENERATION))
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True).eval()
     names = label_names(task)
     if model.config.num_labels != len(names):
         raise ValueError(f"{model_dir} has {model.config.num_labels} outputs but task {task.name} has "
