@@ -11,7 +11,7 @@ Tolerances (relative Frobenius error ``|got - want| / |want|`` over logits, loss
   Bayesian-LoRA ``BLORA_FP32_TOL`` = 1e-3: its fake-quantised activations round, and a value that
   lands on a rounding boundary on one device moves by one quantisation step.
 * bf16 autocast on CUDA vs fp32 on CPU: ``BF16_TOL`` = 5e-2 (bf16 keeps 8 significant bits; bf16
-  autocast on the CPU measured at most 1.8e-2, tests/test_precision.py).
+  autocast on the CPU measured at most 2.2e-2, tests/test_precision.py).
 * Bayesian-LoRA's quantizer-range gradients are not compared (they jump at rounding boundaries).
 
 The helpers take the device as an argument, so the same code runs on the CPU for a dry run
