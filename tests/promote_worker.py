@@ -36,8 +36,15 @@ class SlowReader(MlflowClient):
 def main() -> None:
     url, name, score, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
     client = SlowReader(url, name)
-    exp = client.get_experiment_by_name("promote-race")
-    exp_id = exp.experiment_id if exp else client.create_experiment("promote-race")
+    exp_id = client.get_experiment_by_name("promote-race")
+    if exp_id is None:
+        try:
+            exp_id = client.create_experiment(f"promote-race-{score}")
+        except Exception:  # noqa: BLE001 - the other worker created it first
+            exp_id = client.get_experiment_by_name(f"promote-race-{score}")
+        exp_id = exp_id if isinstance(exp_id, str) else exp_id.experiment_id
+    else:
+        exp_id = exp_id.experiment_id
     run_id = client.create_run(exp_id).info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps({"model_type": "bert", "score": score}))
@@ -45,7 +52,18 @@ def main() -> None:
     source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
     metrics = {"score": score, "gain_over_trivial": score - 0.5, "trivial_score": 0.5}
     promote = registry.register_unlocked if "--unlocked" in sys.argv else registry.register_and_decide
-    time.sleep(max(0.0, start_at - time.time()))
+    # barrier: wait until every worker has imported and logged its model (a fixed start time is
+    # missed on a loaded machine), then all enter promotion within one poll interval
+    barrier = Path(os.environ["PROMOTE_BARRIER"]) if os.environ.get("PROMOTE_BARRIER") else None
+    if barrier is not None:
+        (barrier / f"{score}.ready").write_text("")
+        deadline = time.monotonic() + 240  # monotonic: immune to wall-clock steps
+        while len(list(barrier.glob("*.ready"))) < int(os.environ.get("PROMOTE_WORKERS", "2")):
+            if time.monotonic() > deadline:
+                sys.exit("promote_worker: the other worker never became ready")
+            time.sleep(0.02)
+    else:
+        time.sleep(max(0.0, start_at - time.time()))
     record = promote(client, name, source, run_id, metrics, {"method": "fake"}, registry.Limits())
     print(json.dumps(record))
 

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -236,10 +237,12 @@ def test_sigterm_to_flow_run_stops_at_checkpoint_and_resumes(prepared, tmp_path)
 # ----------------------------------------------------------------------------- concurrent promotions
 
 def _race(url: str, name: str, unlocked: bool) -> list[dict]:
-    start_at = time.time() + 12  # both workers import, then enter promotion in the same second
+    start_at = time.time() + 12  # unused with the barrier below (kept for running the worker by hand)
+    barrier = Path(tempfile.mkdtemp(prefix=f"barrier-{name}-"))
+    worker_env = {**env(), "PROMOTE_BARRIER": str(barrier), "PROMOTE_WORKERS": "2"}
     procs = [subprocess.Popen([sys.executable, "tests/promote_worker.py", url, name, str(score), str(start_at)]
                               + (["--unlocked"] if unlocked else []), cwd=Path(__file__).resolve().parents[1],
-                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for score in (0.85, 0.90)]
     records = []
     for p in procs:

@@ -42,7 +42,8 @@ def register(client, experiment, tmp_path, score, stored=1000, limits=None, mark
     run_id = client.create_run(experiment).info.run_id
     client.log_artifacts(run_id, str(model), "model")
     source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
-    metrics = {"score": score, "accuracy": score, "stored_params": stored, "latency_merged_ms": 5.0}
+    metrics = {"score": score, "accuracy": score, "stored_params": stored, "latency_merged_ms": 5.0,
+               "trivial_score": 0.5, "gain_over_trivial": score - 0.5, "constant_predictions": False}
     return register_and_decide(registry or client, NAME, source, run_id, metrics,
                                {"method": "fake", "base_model": "none"}, limits or Limits())
 
