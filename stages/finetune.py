@@ -129,7 +129,10 @@ def _finetune(params) -> None:
             return
         state = {k: v.contiguous() for k, v in trainable_state(model).items()}
         with atomic_path(Paths.adapter) as tmp:
-            save_file(state, str(tmp), metadata={"method": adapted.method.name, "fingerprint": fp})
+            # one metadata key: safetensors keeps metadata in a hash map, so several keys are written
+            # in a per-process order and the file bytes would differ between identical runs
+            save_file(state, str(tmp), metadata={"lora_sieve": json.dumps(
+                {"method": adapted.method.name, "fingerprint": fp}, sort_keys=True)})
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         summary = {
             "method": adapted.method.name, "steps": result.steps, "seconds": result.seconds,
