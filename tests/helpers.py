@@ -15,8 +15,8 @@ SHARED_DATA = Path(os.environ.get("LORA_SIEVE_DATA", REPO.parent / "shared" / "d
 SKIP = {".venv", ".git", "mlflow.db", "mlartifacts", "mlruns", ".lora_sieve", ".pytest_cache", ".ruff_cache",
         "__pycache__", ".dvc/cache", ".dvc/tmp", "dvc.lock"}
 SMALL = {
-    "data.mirror": str(SHARED_DATA), "data.train_size": 160, "data.dev_size": 96, "data.validation_size": 64,
-    "model.max_length": 32, "train.epochs": 1, "train.batch_size": 16, "train.checkpoint_every": 0,
+    "data.mirror": str(SHARED_DATA), "data.train_size": 480, "data.dev_size": 96, "data.validation_size": 64,
+    "model.max_length": 32, "train.epochs": 2, "train.batch_size": 16, "train.checkpoint_every": 0,
     "calibrate.ratio": 0.25, "lora_drop.probe_epochs": 1, "evaluate.latency_batches": 1,
     "evaluate.batch_size": 48,
 }

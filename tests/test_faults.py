@@ -30,7 +30,8 @@ STEPS = 30
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     repo = scratch_repo(tmp_path_factory.mktemp("faults") / "repo", {
-        "method.name": "lora", "train.epochs": 3, "train.checkpoint_every": 2, "adapter.targets": ["q", "v"]})
+        "method.name": "lora", "data.train_size": 160, "train.epochs": 3, "train.checkpoint_every": 2,
+        "adapter.targets": ["q", "v"]})
     run(["dvc", "repro", "decide"], repo)
     return repo
 

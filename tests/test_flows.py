@@ -1,4 +1,4 @@
-"""The Prefect flows against real services: one small pipeline run (MiniLM, 160 SST-2 examples)
+"""The Prefect flows against real services: one small pipeline run (MiniLM, 480 SST-2 examples)
 under Prefect's test harness with a real ``mlflow server`` as tracking store and registry, then
 cheap follow-up runs on the same workspace (DVC skips what did not change): a scheduled deployment
 on a real ``prefect server``, the comparison table, promotion decisions, and the failure paths
@@ -102,8 +102,10 @@ def flow_logs(state) -> str:
 def test_flow_run_tracks_registers_and_saves_an_experiment(first, client):
     res, repo = first.result, first.repo
     assert res["stages"] == {s: "ran" for s in STAGES}
-    assert res["metrics"] == json.loads((repo / "data/evaluate/metrics.json").read_text())
-    assert 0.0 <= res["metrics"]["accuracy"] <= 1.0
+    stored = json.loads((repo / "data/evaluate/metrics.json").read_text())
+    assert {k: v for k, v in res["metrics"].items() if k in stored} == stored  # + timings.json
+    # the small budget learns: the first model beats its trivial predictor and takes the title
+    assert res["metrics"]["gain_over_trivial"] >= 0.01 and not res["metrics"]["constant_predictions"]
     assert res["model_version"] == {"name": NAME, "version": "1", "promoted": True, "champion": "1"}
     # params.yaml is the user's: the flow put it back exactly
     committed = run(["git", "show", "HEAD:params.yaml"], repo).stdout

@@ -36,7 +36,7 @@ def test_metrics_and_artifacts(repo):
 
     train = pd.read_parquet(repo / "data/prepare/train.parquet")
     validation = pd.read_parquet(repo / "data/prepare/validation.parquet")
-    assert len(validation) == 64 and len(train) == 160
+    assert len(validation) == 64 and len(train) == 480
     timings = json.loads((repo / "data/evaluate/timings.json").read_text())
     assert timings["latency_merged_ms"] > 0 and "latency_merged_ms" not in metrics
     assert metrics["max_abs_diff_unmerged_vs_merged"] < 1e-4
