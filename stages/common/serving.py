@@ -174,20 +174,31 @@ def log(served: Served, model_dir: Path, run_id: str) -> Any:
     """
     import mlflow
 
-    with mlflow.start_run(run_id=run_id):
-        if served.pruned_lm:
-            import lora_ops
+    try:
+        with mlflow.start_run(run_id=run_id):
+            return _log_active(served, model_dir)
+    finally:
+        # leaving start_run() marked the stage's run FINISHED; it is not finished yet (the registry
+        # calls follow): back to RUNNING, so a stage that fails later never shows as FINISHED
+        mlflow.tracking.MlflowClient().update_run(run_id, status="RUNNING")
 
-            return mlflow.pyfunc.log_model(
-                name="model", python_model=_pruned_model(), artifacts={"model": str(model_dir)},
-                code_paths=[str(Path(lora_ops.__file__).parent)], signature=served.signature,
-                input_example=served.input_example, pip_requirements=pip_requirements())
-        import mlflow.transformers
 
-        return mlflow.transformers.log_model(
-            served.pipeline, name="model", task=served.hf_task, signature=served.signature,
-            input_example=served.input_example, model_config=served.model_config or None,
-            pip_requirements=pip_requirements())
+def _log_active(served: Served, model_dir: Path) -> Any:
+    import mlflow
+
+    if served.pruned_lm:
+        import lora_ops
+
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=_pruned_model(), artifacts={"model": str(model_dir)},
+            code_paths=[str(Path(lora_ops.__file__).parent)], signature=served.signature,
+            input_example=served.input_example, pip_requirements=pip_requirements())
+    import mlflow.transformers
+
+    return mlflow.transformers.log_model(
+        served.pipeline, name="model", task=served.hf_task, signature=served.signature,
+        input_example=served.input_example, model_config=served.model_config or None,
+        pip_requirements=pip_requirements())
 
 
 def _fmt(value: Any) -> str:
