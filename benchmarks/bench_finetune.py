@@ -125,7 +125,8 @@ def run_trainer(mirror: Path) -> dict:
     ds = ds.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
     args = TrainingArguments(output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "bench-finetune-trainer"),
                              per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS, learning_rate=LR,
-                             weight_decay=0.01, warmup_ratio=0.06, lr_scheduler_type="linear", max_grad_norm=1.0,
+                             weight_decay=0.01, warmup_steps=round(0.06 * EPOCHS * -(-TRAIN // BATCH)),
+                             lr_scheduler_type="linear", max_grad_norm=1.0,
                              train_sampling_strategy="group_by_length", length_column_name="length",
                              save_strategy="no", eval_strategy="no", report_to=[], logging_strategy="no",
                              disable_tqdm=True, use_cpu=True, seed=SEED, dataloader_num_workers=0,
