@@ -7,10 +7,9 @@ import copy
 import pytest
 import torch
 from method_cases import features
+from test_training import _model as _lora_bert
 
 from lora_ops.data import BatchSource
-from lora_ops.methods import AdapterConfig, MethodContext, get_method
-from lora_ops.targets import find_targets, freeze_all_but
 from lora_ops.training import TrainConfig, TrainingInterrupted, train, trainable_state
 
 
@@ -61,15 +60,6 @@ def test_shards_of_a_grouped_batch_make_up_the_one_process_batch():
     ranks = [BatchSource(feats, 8, seed=9, group_by_length=True, rank=r, world_size=2) for r in range(2)]
     for glob, r0, r1 in zip(one.batch_indices(0), ranks[0].batch_indices(0), ranks[1].batch_indices(0)):
         assert torch.equal(glob, torch.cat([r0, r1]))
-
-
-def _lora_bert(tiny_bert, dropout=0.0):
-    m = get_method("lora")
-    ctx = MethodContext(adapter=AdapterConfig(rank=4, alpha=8, dropout=dropout), params=m.params_model())
-    targets = find_targets(tiny_bert, "all")
-    m.build(tiny_bert, targets, m.decide([], targets, ctx), ctx)
-    freeze_all_but(tiny_bert, ["classifier"])
-    return tiny_bert
 
 
 def test_dynamic_padding_leaves_outputs_unchanged(tiny_bert):
