@@ -80,12 +80,17 @@ def test_two_dvc_repro_runs_give_identical_bytes(tmp_path):
 
 
 def _finetune_pid(repo: Path) -> int | None:
+    """The python process running the finetune stage in `repo` (not the shell dvc may wrap it in:
+    killing only the shell leaves python running as an orphan that finishes and writes the adapter)."""
     out = subprocess.run(["pgrep", "-f", "stages.finetune"], capture_output=True, text=True).stdout.split()
     for pid in out:
         try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if not Path(argv[0].decode()).name.startswith("python") or b"stages.finetune" not in argv:
+                continue
             if Path(f"/proc/{pid}/cwd").resolve() == repo.resolve():
                 return int(pid)
-        except OSError:
+        except (OSError, IndexError):
             continue
     return None
 

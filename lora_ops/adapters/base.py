@@ -94,6 +94,11 @@ class AdapterLayer(nn.Module):
             if not name.startswith("base."):
                 yield name, p
 
+    def parameter_group(self, name: str) -> str:
+        """Optimiser group of the adapter parameter ``name``: ``adapter`` for the factors; layers with
+        gates or quantiser ranges name those groups, so a recipe can give them their own learning rate."""
+        return "adapter"
+
     def no_decay_parameter_names(self) -> set[str]:
         """Names (as in :meth:`adapter_parameters`) that must not get weight decay (gates, ranges)."""
         return set()

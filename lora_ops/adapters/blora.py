@@ -166,6 +166,13 @@ class BLoRALinear(AdapterLayer):
         return {"base": base, "adapter": adapter, "total": base + adapter,
                 "baseline_base": base_ref, "baseline_adapter": adapter_ref, "baseline_total": base_ref + adapter_ref}
 
+    def parameter_group(self, name: str) -> str:
+        if name.endswith("log_alpha"):
+            return "gates"  # bit gates and rank gates: log-alpha must travel ~3 to close (recipe gives them a high lr)
+        if name.endswith("x_max"):
+            return "ranges"
+        return "adapter"
+
     def no_decay_parameter_names(self) -> set[str]:
         # weight decay would pull log-alpha towards 0 (P(on) = 0.83) and shrink ranges: gates and ranges are exempt
         return {n for n, _ in self.adapter_parameters() if n.endswith("log_alpha") or n.endswith("x_max")}

@@ -66,6 +66,10 @@ class GatedLoRALinear(AdapterLayer):
         """Zero the gates of the components not in ``keep`` (bool, r0)."""
         self.gate.masked_fill_(~keep.to(self.gate.device), 0.0)
 
+    def parameter_group(self, name: str) -> str:
+        # DoRA-DR's c and AdaLoRA's E start at zero: a recipe may give them their own learning rate
+        return "gates" if name == "gate" else "adapter"
+
     def num_active(self) -> int:
         # what survives the export: kept components, gate folded into B (spec §5f.7)
         return self.active_rank() * (self.in_features + self.out_features)

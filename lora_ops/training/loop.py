@@ -31,6 +31,9 @@ class TrainConfig:
     epochs: int = 1
     lr: float = 5e-4
     head_lr: float | None = None
+    #: learning rate per named parameter group (``adapter``, ``head``, ``gates``, ``ranges``...); a group
+    #: not listed trains at ``lr`` (the head at ``head_lr`` when set). Groups come from the adapter layers.
+    group_lr: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     grad_clip: float | None = 1.0
@@ -83,27 +86,47 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         target.copy_(value)
 
 
+HEAD_GROUP = "head"  # every trainable parameter outside the adapter layers (task head, unfrozen norms)
+
+
+def parameter_group_names(model: nn.Module) -> dict[str, str]:
+    """Trainable parameter name -> optimiser group name (``head`` outside adapter layers).
+
+    Adapter layers name their groups (:meth:`AdapterLayer.parameter_group`); a tensor shared by
+    several layers (LoRA-drop's shared pair) appears once, under its first name."""
+    of_param: dict[int, str] = {}
+    for layer in model.modules():
+        if isinstance(layer, AdapterLayer):
+            for pname, p in layer.adapter_parameters():
+                of_param.setdefault(id(p), layer.parameter_group(pname))
+    return {name: of_param.get(id(p), HEAD_GROUP) for name, p in model.named_parameters() if p.requires_grad}
+
+
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    adapter_ids: set[int] = set()
+    """AdamW groups keyed by (named group, decay); each carries its ``name`` (kept in checkpoints)."""
     no_decay_ids: set[int] = set()
     for layer in model.modules():
         if isinstance(layer, AdapterLayer):
             skip = layer.no_decay_parameter_names()
-            for pname, p in layer.adapter_parameters():
-                adapter_ids.add(id(p))
-                if pname in skip:
-                    no_decay_ids.add(id(p))
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+            no_decay_ids.update(id(p) for pname, p in layer.adapter_parameters() if pname in skip)
+    names = parameter_group_names(model)
+    unknown = sorted(set(cfg.group_lr) - set(names.values()))
+    if unknown:
+        raise ValueError(f"learning rate set for parameter group(s) {unknown}, which this model does not have; "
+                         f"its groups are {sorted(set(names.values()))}")
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_adapter = id(p) in adapter_ids
-        decay = id(p) not in no_decay_ids and not (not is_adapter and (p.dim() < 2 or "norm" in name.lower()))
-        groups.setdefault((is_adapter, decay), []).append(p)
+        group = names[name]
+        is_head = group == HEAD_GROUP
+        decay = id(p) not in no_decay_ids and not (is_head and (p.dim() < 2 or "norm" in name.lower()))
+        groups.setdefault((group, decay), []).append(p)
     out = []
-    for (is_adapter, decay), params in groups.items():
-        lr = cfg.lr if is_adapter or cfg.head_lr is None else cfg.head_lr
-        out.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr})
+    for (group, decay), params in groups.items():
+        default = cfg.head_lr if group == HEAD_GROUP and cfg.head_lr is not None else cfg.lr
+        out.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+                    "lr": cfg.group_lr.get(group, default), "name": group if decay else f"{group}.no_decay"})
     return out
 
 
