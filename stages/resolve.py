@@ -18,6 +18,8 @@ from stages.common.pipeline import Paths
 
 #: the stages that read a method's own params section
 METHOD_STAGES = ("calibrate", "decide", "finetune")
+#: stages that train, and so read the recipe when the method does not list its keys per stage
+RECIPE_STAGES = ("calibrate", "finetune")
 
 
 def stage_settings(params: Params) -> dict[str, dict[str, Any]]:
@@ -27,7 +29,11 @@ def stage_settings(params: Params) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for stage in METHOD_STAGES:
         keys = method.stage_settings.get(stage)
-        chosen = section if keys is None else {k: section[k] for k in keys}
+        if keys is None:
+            # the recipe (learning rates) only matters where something trains: finetune, and the
+            # calibration pass of a method that probes; a plan never depends on it
+            keys = tuple(k for k in section if k != "recipe" or stage in RECIPE_STAGES)
+        chosen = {k: section[k] for k in keys}
         out[stage] = {"method": method.name, "settings": chosen}
     if method.needs_calibration:
         out["calibrate"]["general"] = {

@@ -6,7 +6,7 @@ import torch
 from conftest import random_batch
 
 from lora_ops.adapters.base import adapter_layers
-from lora_ops.adapters.lora import LoRALinear
+from lora_ops.adapters.lora import LoRALinear, LoRAPair
 from lora_ops.data import BatchSource
 from lora_ops.importance.output_energy import OutputEnergyRecorder, direct_output_energy
 from lora_ops.methods import AdapterConfig, MethodContext, get_method
@@ -78,15 +78,17 @@ def test_lora_drop_plan_shares_one_pair_per_group(tiny_bert):
         assert sum(s["importance"] for s in scores if s["group"] == g) == pytest.approx(1.0)
     plan = method.decide(scores, targets, ctx)
     json.dumps(plan)  # the plan is JSON
-    # energies 1,2,3 -> shares 1/6, 2/6, 3/6: T=0.6 keeps layers 2 and 1 (5/6), layer 0 shares
+    # energies 1,2,3 -> shares 1/6, 2/6, 3/6: T=0.6 keeps layers 2 and 1 (5/6); layer 0 alone would be a
+    # "shared" set of one module, which is its own adapter: the plan says so and counts it as retained
     for entry in plan["groups"].values():
-        assert len(entry["retained"]) == 2 and len(entry["shared"]) == 1
+        assert len(entry["retained"]) == 3 and entry["shared"] == []
+    assert all(m["mode"] == "own" for m in plan["modules"].values())
     method.build(tiny_bert, targets, plan, ctx)
     counts = method.parameter_counts(tiny_bert)
     lora_counts = sum(4 * (t.in_features + t.out_features) for t in targets)
-    # 2 own + 1 shared pair per group (the shared pair counts once): 3 of 3 -> equal here
-    assert counts["trainable"] == lora_counts
-    assert counts["active"] == counts["trainable"]  # the shared pair is one set of tensors, counted once
+    assert counts["trainable"] == counts["active"] == lora_counts  # 3 own pairs per group, as LoRA
+    assert all(isinstance(layer.lora, LoRAPair) for layer in adapter_layers(tiny_bert).values())
+    assert len({id(layer.lora) for layer in adapter_layers(tiny_bert).values()}) == len(targets)  # none shared
     plan2 = method.decide(scores, targets, _ctx("lora_drop", threshold=0.4)[1])
     for entry in plan2["groups"].values():
         assert len(entry["retained"]) == 1 and len(entry["shared"]) == 2

@@ -43,7 +43,7 @@ def test_method_runs_through_every_stage(method, tmp_path, monkeypatch):
 
 LM_TINY = {"model.name": "smollm2-135m", "task.name": "alpaca", "method.name": "loraprune",
            "data.train_size": 32, "data.dev_size": 8, "data.validation_size": 8, "model.max_length": 48, "train.batch_size": 8,
-           "train.epochs": 1, "loraprune.prune_every": 1, "lm_eval.window": 64, "lm_eval.windows": 2,
+           "train.epochs": 1, "loraprune.prune_every": 1, "loraprune.min_score_updates": 1, "lm_eval.window": 64, "lm_eval.windows": 2,
            "evaluate.batch_size": 8}
 
 

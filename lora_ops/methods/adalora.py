@@ -15,13 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from lora_ops import distributed as dist
 from lora_ops.adapters.adalora import AdaLoRALinear
 from lora_ops.methods.allocation import RankAllocationMethod
 from lora_ops.methods.base import MethodContext, register
+from lora_ops.methods.recipe import MethodParams
 from lora_ops.rank_allocation import (
     RankAllocationController,
     StepSpec,
@@ -31,10 +32,9 @@ from lora_ops.rank_allocation import (
 )
 
 
-class AdaLoRAParams(BaseModel):
+class AdaLoRAParams(MethodParams):
     """``params[adalora]``. Steps: a float in [0, 1] is a fraction of the run, an int a step count."""
 
-    model_config = ConfigDict(extra="forbid")
     initial_rank_factor: float = Field(1.5, gt=0.0, description="r0 = ceil(factor * adapter.rank) (PEFT 12 -> 8)")
     initial_rank: int | None = Field(None, ge=1, description="explicit r0 (overrides initial_rank_factor)")
     tinit: StepSpec = Field(0.15, description="warm-up without pruning (fraction of steps, or steps)")

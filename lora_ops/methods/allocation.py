@@ -21,6 +21,7 @@ class RankAllocationMethod(Method):
     """
 
     layer_cls: ClassVar[type[AdapterLayer]]
+    parameter_groups = ("adapter", "gates", "head")  # gates: DoRA-DR's c, AdaLoRA's E (start at zero)
 
     def ranks(self, ctx: MethodContext) -> tuple[int, int]:
         """``(r0, r_target)``; raises before training for impossible budgets."""

@@ -27,6 +27,7 @@ from torch import nn
 from lora_ops.adapters.base import AdapterLayer, adapter_layers
 from lora_ops.data import BatchSource
 from lora_ops.export import PeftExport, export_lora_family
+from lora_ops.methods.recipe import MethodParams
 from lora_ops.targets import Target
 from lora_ops.training.controller import Controller
 from lora_ops.training.loop import TrainConfig
@@ -43,8 +44,7 @@ class AdapterConfig(BaseModel):
     rslora: bool = False
 
 
-class NoParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+NoParams = MethodParams  # a method with no settings of its own still has a recipe
 
 
 @dataclass
@@ -66,6 +66,9 @@ class Method:
     description: ClassVar[str] = ""
     #: pydantic model of the method's own section in params.yaml (``params[<name>]``)
     params_model: ClassVar[type[BaseModel]] = NoParams
+    #: optimiser groups the method's layers create (see AdapterLayer.parameter_group); a recipe may
+    #: give each its own learning rate. "head" is everything trainable outside the adapters.
+    parameter_groups: ClassVar[tuple[str, ...]] = ("adapter", "head")
     needs_calibration: ClassVar[bool] = False
     #: which keys of the method's params section each pipeline stage reads (stage -> keys). A stage
     #: not listed reads the whole section. The resolve stage writes one settings file per stage from

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from lora_ops.adapters.base import AdapterLayer
@@ -37,13 +37,13 @@ from lora_ops.adapters.blora import (
 from lora_ops.adapters.lora import lora_scale
 from lora_ops.data import BatchSource
 from lora_ops.methods.base import Method, MethodContext, register
+from lora_ops.methods.recipe import MethodParams
 from lora_ops.quant import validate_bits
 from lora_ops.targets import Target, inject, unload
 from lora_ops.training.controller import Controller
 
 
-class BLoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BLoRAParams(MethodParams):
     lmbda: float = Field(1e-3, description="weight of the gate prior lambda * sum_Q R_Q; must be > 0")
     bits: list[int] = Field(default_factory=lambda: [2, 4, 8, 16, 32],
                             description="nested bit-widths, doubling from 2 (e.g. [2, 4, 8, 16, 32])")
@@ -163,6 +163,7 @@ class BLoRA(Method):
     name = "blora"
     description = "Bayesian-LoRA: SVD-form LoRA with hard-concrete rank and bit-width gates, BOPs accounting"
     params_model = BLoRAParams
+    parameter_groups = ("adapter", "gates", "ranges", "head")  # gates: bit and rank log-alphas
     needs_calibration = True
 
     def calibrate(self, model: nn.Module, targets: list[Target], sample: BatchSource,

@@ -10,25 +10,24 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from lora_ops.adapters.base import AdapterLayer, adapter_layers
 from lora_ops.adapters.bone import BatLinear, BoneLinear
 from lora_ops.export import PREFIX
 from lora_ops.methods.base import Method, MethodContext, PeftExport, register
+from lora_ops.methods.recipe import MethodParams
 from lora_ops.targets import Target, inject
 
 
-class BoneParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BoneParams(MethodParams):
     # 16 gives the same trainable parameter count as LoRA r=8 on MiniLM (all six linear types)
     block_size: int = Field(16, ge=1, description="block size b (PEFT MiSS `r`); trainable params = b * d_out")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on x before the shard sum (PEFT miss_dropout)")
 
 
-class BatParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BatParams(MethodParams):
     block_size: int = Field(16, ge=1, description="block size b; must divide in and out features of every target")
     # PEFT's Bat forward ignores miss_dropout; accepting a non-zero value would silently do nothing
     dropout: float = Field(0.0, ge=0.0, le=0.0, description="must be 0: Bat has no dropout (PEFT ignores it)")

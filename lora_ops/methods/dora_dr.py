@@ -19,13 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from lora_ops import distributed as dist
 from lora_ops.adapters.dora_dr import DoRADRLinear, dora_shares
 from lora_ops.methods.allocation import RankAllocationMethod
 from lora_ops.methods.base import MethodContext, register
+from lora_ops.methods.recipe import MethodParams
 from lora_ops.rank_allocation import (
     RankAllocationController,
     StepSpec,
@@ -36,10 +37,9 @@ from lora_ops.rank_allocation import (
 )
 
 
-class DoRADRParams(BaseModel):
+class DoRADRParams(MethodParams):
     """``params[dora_dr]``. Steps: a float in [0, 1] is a fraction of the run, an int a step count."""
 
-    model_config = ConfigDict(extra="forbid")
     initial_rank_factor: float = Field(1.5, gt=0.0, description="r0 = ceil(factor * adapter.rank)")
     initial_rank: int | None = Field(None, ge=1, description="explicit r0 (overrides initial_rank_factor)")
     t_start: StepSpec = Field(0.15, description="first prune step t_s (fraction of steps, or steps)")

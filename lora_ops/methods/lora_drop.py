@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from lora_ops.adapters.base import AdapterLayer
@@ -21,13 +21,13 @@ from lora_ops.data import BatchSource
 from lora_ops.importance.output_energy import OutputEnergyRecorder
 from lora_ops.methods.base import Method, MethodContext, register
 from lora_ops.methods.lora import own_lora
+from lora_ops.methods.recipe import MethodParams
 from lora_ops.selection import cumulative_threshold, normalize
 from lora_ops.targets import Target, inject, unload
 from lora_ops.training.loop import TrainConfig, train
 
 
-class LoRADropParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LoRADropParams(MethodParams):
     threshold: float = Field(0.9, gt=0.0, le=1.0, description="cumulative importance kept per group, in (0, 1]")
     probe_epochs: int = Field(1, ge=1, description="epochs of LoRA probe training on the calibration sample")
     probe_lr: float | None = Field(None, gt=0.0, description="probe learning rate (default: train.lr)")
@@ -40,7 +40,8 @@ class LoRADrop(Method):
     params_model = LoRADropParams
     needs_calibration = True
     # the probe reads probe_*, the plan reads threshold; training and merging follow the plan
-    stage_settings = {"calibrate": ("probe_epochs", "probe_lr"), "decide": ("threshold",), "finetune": ()}
+    stage_settings = {"calibrate": ("probe_epochs", "probe_lr", "recipe"), "decide": ("threshold",),
+                      "finetune": ("recipe",)}
 
     def calibrate(self, model: nn.Module, targets: list[Target], sample: BatchSource,
                   ctx: MethodContext) -> list[dict[str, Any]]:
@@ -52,7 +53,8 @@ class LoRADrop(Method):
         layers = inject(model, targets, lambda t, lin: own_lora(lin, ctx))
         try:
             cfg = TrainConfig(epochs=params.probe_epochs, lr=params.probe_lr or ctx.train.lr,
-                              head_lr=ctx.train.head_lr, weight_decay=ctx.train.weight_decay,
+                              head_lr=ctx.train.head_lr, group_lr=ctx.train.group_lr,
+                              weight_decay=ctx.train.weight_decay,
                               warmup_ratio=ctx.train.warmup_ratio, grad_clip=ctx.train.grad_clip,
                               progress=ctx.train.progress, progress_label="calibrate: probe LoRA")
             train(model, sample, cfg, device=ctx.device)
@@ -99,6 +101,10 @@ class LoRADrop(Method):
             members = {t.name: importance.get(t.name, 0.0) for t in targets if t.group == group}
             kept = cumulative_threshold(members, params.threshold)
             shared = sorted(set(members) - set(kept))
+            if len(shared) == 1:
+                # a "shared" pair used by one module is just that module's own adapter: no saving, so
+                # the plan says so (mode own) and the counts treat it as retained
+                kept, shared = [*kept, *shared], []
             groups[group] = {"retained": kept, "shared": shared,
                              "retained_importance": sum(members[k] for k in kept)}
             for name in shared:

@@ -16,7 +16,7 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from lora_ops.adapters.base import AdapterLayer, adapter_layers
@@ -24,6 +24,7 @@ from lora_ops.adapters.lora import LoRAPair, lora_scale
 from lora_ops.data import BatchSource
 from lora_ops.methods.base import Method, MethodContext, PeftExport, register
 from lora_ops.methods.lora import own_lora
+from lora_ops.methods.recipe import MethodParams
 from lora_ops.pruning.controller import LoRAPruneController, mask_directions
 from lora_ops.pruning.export import prune_model, save_pruned
 from lora_ops.pruning.importance import get_importance
@@ -37,14 +38,16 @@ from lora_ops.pruning.structure import (
 from lora_ops.targets import Target, inject
 
 
-class LoRAPruneParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LoRAPruneParams(MethodParams):
     ratio: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of heads and of MLP channels pruned per prunable layer")
     criterion: Literal["loraprune", "magnitude", "grad"] = Field(
         "loraprune", description="loraprune: |Ĝ⊙(W+sBA)| from LoRA grads; magnitude: |W+sBA|; grad: true dL/dW")
     prune_every: int = Field(10, ge=1, description="optimizer steps between mask updates")
-    warmup: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of steps before pruning starts")
-    cooldown: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of final steps at the target sparsity")
+    warmup: float = Field(0.1, ge=0.0, description="steps before pruning starts: a share of the run (< 1) or a "
+                                                   "step count (>= 1)")
+    cooldown: float = Field(0.1, ge=0.0, description="final steps at the target sparsity: share (< 1) or steps")
+    # the scores' EMA (ema 0.9) remembers about 1 / (1 - 0.9) = 10 updates: no mask before it has seen them
+    min_score_updates: int = Field(10, ge=0, description="score updates before the first mask, whatever warmup says")
     exempt_first_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="first floor(f*L) layers are not pruned")
     exempt_last: bool = Field(True, description="the last layer is not pruned")
     exempt_layers: list[int] | None = Field(None, description="explicit exempt layer indices (overrides the two above)")
@@ -56,6 +59,13 @@ class LoRAPruneParams(BaseModel):
         "nearest", description="how an off-grid ratio is rounded (nearest: ties prune less; strict: error)")
     prune_heads: bool = Field(True, description="prune attention heads / KV groups")
     prune_mlp: bool = Field(True, description="prune MLP channels")
+
+    @field_validator("warmup", "cooldown")
+    @classmethod
+    def _share_or_steps(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError(f"must be a share of the steps (< 1) or a whole number of steps, got {v}")
+        return v
 
 
 def _params(ctx: MethodContext) -> LoRAPruneParams:
@@ -151,7 +161,8 @@ class LoRAPrune(Method):
         layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, MaskedLoRALinear)}
         return LoRAPruneController(layers, structure_from_plan(plan), plan["grid"], get_importance(params.criterion),
                                    warmup=params.warmup, cooldown=params.cooldown, every=params.prune_every,
-                                   ema=params.ema, exact_final=params.exact_final)
+                                   ema=params.ema, exact_final=params.exact_final,
+                                   min_score_updates=params.min_score_updates)
 
     # ------------------------------------------------------------ accounting
     def parameter_counts(self, model: nn.Module) -> dict[str, int]:

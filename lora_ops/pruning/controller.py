@@ -48,7 +48,7 @@ class LoRAPruneController(Controller):
 
     def __init__(self, layers: dict[str, MaskedLoRALinear], structure: PruneStructure, grid: dict[str, Any],
                  importance: Importance, warmup: float = 0.1, cooldown: float = 0.1, every: int = 10,
-                 ema: float = 0.9, exact_final: bool = True) -> None:
+                 ema: float = 0.9, exact_final: bool = True, min_score_updates: int = 0) -> None:
         self.layers = layers
         self.structure = structure
         self.grid = grid
@@ -56,6 +56,8 @@ class LoRAPruneController(Controller):
         self.warmup, self.cooldown, self.every = warmup, cooldown, every
         self.beta = ema
         self.exact_final = exact_final
+        self.min_score_updates = min_score_updates
+        self.score_updates = 0  # steps whose scores entered the EMA (fp16 overflow steps do not)
         self.ratio = float(grid["requested"])
         missing = [n for ls in structure.prunable for r in structure.required_roles()
                    for n in [ls.modules.get(r)] if n is None or n not in layers]
@@ -76,7 +78,8 @@ class LoRAPruneController(Controller):
     # ------------------------------------------------------------------ hooks
     def bind(self, total_steps: int) -> None:
         super().bind(total_steps)
-        self.schedule = PruneSchedule(total_steps, self.warmup, self.cooldown, self.every, self.exact_final)
+        self.schedule = PruneSchedule(total_steps, self.warmup, self.cooldown, self.every, self.exact_final,
+                                      min_warmup_steps=self.min_score_updates)
         self.final_step = max(
             (self.schedule.last_change_step(u.size, self._final_count(key), self.ratio)
              for key, (_, _, u) in self.units.items()), default=0)
@@ -87,16 +90,21 @@ class LoRAPruneController(Controller):
 
     def on_after_backward(self, step: int) -> None:
         scores = tied_unit_scores(self.layers, self.structure, self.importance)
+        finite = True
         for key, u in scores.items():
             u = u.detach().float().cpu()
             if not torch.isfinite(u).all():  # fp16 overflow: skip this update, as the official code
                 self.skipped_nan += 1
+                finite = False
                 continue
             prev = self.ema.get(key)
             self.ema[key] = (1 - self.beta) * u if prev is None else self.beta * prev + (1 - self.beta) * u
+        self.score_updates += int(finite)
 
     def on_step_end(self, step: int) -> None:
         assert self.schedule is not None, "bind() was not called"
+        if self.score_updates < self.min_score_updates:  # never remove more than has been scored
+            return
         for key, (_, _, unit) in self.units.items():
             self._update(key, unit, lambda cur, unit=unit, key=key: self.schedule.count(  # type: ignore[union-attr]
                 step, unit.size, self._final_count(key), self.ratio, cur))
@@ -192,7 +200,8 @@ class LoRAPruneController(Controller):
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": {k: v.clone() for k, v in self.ema.items()},
-                "masks": {k: v.clone() for k, v in self.masks.items()}, "skipped_nan": self.skipped_nan}
+                "masks": {k: v.clone() for k, v in self.masks.items()}, "skipped_nan": self.skipped_nan,
+                "score_updates": self.score_updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state.get("masks", {})) != set(self.masks):
@@ -200,5 +209,6 @@ class LoRAPruneController(Controller):
         self.ema = {k: v.clone() for k, v in state["ema"].items()}
         self.masks = {k: v.clone() for k, v in state["masks"].items()}
         self.skipped_nan = int(state.get("skipped_nan", 0))
+        self.score_updates = int(state.get("score_updates", 0))
         for key in self.masks:
             self._apply(key)

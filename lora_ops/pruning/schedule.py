@@ -15,29 +15,42 @@ from dataclasses import dataclass
 from lora_ops.schedules import cubic_decay
 
 
+def _steps(value: float, total: int) -> int:
+    """A share of the run (< 1) or a step count (>= 1) as steps."""
+    return int(value) if value >= 1 else int(value * total)
+
+
 @dataclass(frozen=True)
 class PruneSchedule:
     total: int
-    warmup: float = 0.1
+    warmup: float = 0.1  # < 1: share of the steps; >= 1: steps (so a short run can ask for "10 steps")
     cooldown: float = 0.1
     every: int = 10
     exact_final: bool = True
+    #: no mask before this many steps, whatever ``warmup`` says: scores need updates before they rank
+    #: anything (on a 16-step run a 0.1 warm-up is one step, and one update of Ĝ is mostly noise)
+    min_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.total < 1:
             raise ValueError("schedule needs at least one step")
         if self.every < 1:
             raise ValueError(f"prune_every must be >= 1, got {self.every}")
-        if self.warmup < 0 or self.cooldown < 0 or self.warmup + self.cooldown >= 1:
-            raise ValueError(f"warmup ({self.warmup}) + cooldown ({self.cooldown}) must be in [0, 1)")
+        if self.warmup < 0 or self.cooldown < 0:
+            raise ValueError(f"warmup ({self.warmup}) and cooldown ({self.cooldown}) must be >= 0")
+        if self.t_init + self.t_final >= self.total:
+            raise ValueError(
+                f"the pruning schedule has no room: {self.t_init} warm-up steps (warmup {self.warmup}, at least "
+                f"{self.min_warmup_steps} score updates) + {self.t_final} cool-down steps >= {self.total} steps; "
+                "train longer or lower loraprune.warmup / cooldown / min_score_updates")
 
     @property
     def t_init(self) -> int:
-        return int(self.warmup * self.total)
+        return max(_steps(self.warmup, self.total), self.min_warmup_steps)
 
     @property
     def t_final(self) -> int:
-        return int(self.cooldown * self.total)
+        return _steps(self.cooldown, self.total)
 
     def sparsity(self, step: int, end: float) -> float:
         """p(t): 0 through warm-up, cubic rise, ``end`` through cool-down."""

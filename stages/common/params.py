@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_ops.methods import AdapterConfig, available_methods, get_method
+from lora_ops.methods.recipe import check_groups
 from stages.common.tasks import TASKS
 
 
@@ -280,9 +281,13 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     for name in available_methods():  # validate every method section present, not only the selected one
         if name in (params.model_extra or {}):
             try:
-                params.method_params(name)
+                settings = params.method_params(name)
             except ValidationError as exc:
                 raise ConfigError(_format(exc, str(path), name)) from None
+            try:
+                check_groups(settings.recipe, get_method(name).parameter_groups, name)
+            except ValueError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
     _check_data_reachable(params, path.parent)
     _check_model(params)
     _check_precision(params)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lora_ops.methods import Method, MethodContext, get_method
+from lora_ops.methods.recipe import apply_recipe
 from lora_ops.metrics import compute_metrics
 from lora_ops.targets import Target, find_targets, freeze_all_but
 from lora_ops.training import TrainConfig
@@ -67,13 +68,15 @@ class Paths:
 def method_context(params: Params) -> tuple[Method, MethodContext]:
     method = get_method(params.method.name)
     t = params.train
+    settings = params.method_params()
     ctx = MethodContext(
         adapter=params.adapter,
-        params=params.method_params(),
-        train=TrainConfig(epochs=t.epochs, lr=t.lr, head_lr=t.head_lr, weight_decay=t.weight_decay,
+        params=settings,
+        # the method's recipe (its learning rates per parameter group, warm-up) over the train section
+        train=apply_recipe(TrainConfig(epochs=t.epochs, lr=t.lr, head_lr=t.head_lr, weight_decay=t.weight_decay,
                           warmup_ratio=t.warmup_ratio, grad_clip=t.grad_clip, max_steps=t.max_steps,
                           checkpoint_every=t.checkpoint_every, precision=t.precision,
-                          gradient_checkpointing=t.gradient_checkpointing),
+                          gradient_checkpointing=t.gradient_checkpointing), settings.recipe),
         seed=params.seed,
         device=runtime.device(),
         batch_size=t.batch_size,
