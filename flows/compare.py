@@ -29,6 +29,7 @@ from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, valid
 from stages.common.io import atomic_path
 from stages.common.params import ConfigError
 from stages.common.tracking import git_commit, tracking_uri
+from stages.common.workspace import origin_root
 
 COLUMNS = ["task", "method", "seed", "metric", "score", "validation_score", "trivial_score", "trainable_params", "stored_params", "pct_of_lora",
            "train_seconds", "peak_rss_mb", "peak_cuda_mb", "latency_merged_ms", "experiment", "mlflow_run_id"]
@@ -143,7 +144,7 @@ def _log_mlflow(root: Path, experiment: str, files: list[Path], df: pd.DataFrame
     client = MlflowClient(tracking_uri(root))
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=os.environ.get("LORA_SIEVE_ARTIFACTS") or (root / "mlartifacts").as_uri())
+        experiment, artifact_location=os.environ.get("LORA_SIEVE_ARTIFACTS") or (origin_root(root) / "mlartifacts").as_uri())
     run_id = client.create_run(exp_id, tags={"mlflow.runName": f"compare {time.strftime('%Y-%m-%d %H:%M')}",
                                              "compare": "true", **tags}).info.run_id
     ts = int(time.time() * 1000)

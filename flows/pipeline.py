@@ -39,6 +39,7 @@ from prefect import flow, get_run_logger, task
 
 from stages.common.params import ConfigError, Params, load_params
 from stages.common.tracking import flatten, git_commit, params_hash, tracking_uri
+from stages.common.workspace import origin_root
 
 STAGES = ["resolve", "prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate", "promote"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,7 +298,7 @@ class ParentRun:
         name = params.tracking.experiment
         exp = self.client.get_experiment_by_name(name)
         if exp is None:  # same location rule as StageRun, so stage and flow agree
-            artifacts = os.environ.get("LORA_SIEVE_ARTIFACTS") or (root / "mlartifacts").as_uri()
+            artifacts = os.environ.get("LORA_SIEVE_ARTIFACTS") or (origin_root(root) / "mlartifacts").as_uri()
             self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
         else:
             self.experiment_id = exp.experiment_id

@@ -37,12 +37,16 @@ class AdaLoRAParams(MethodParams):
 
     initial_rank_factor: float = Field(1.5, gt=0.0, description="r0 = ceil(factor * adapter.rank) (PEFT 12 -> 8)")
     initial_rank: int | None = Field(None, ge=1, description="explicit r0 (overrides initial_rank_factor)")
-    tinit: StepSpec = Field(0.15, description="warm-up without pruning (fraction of steps, or steps)")
-    tfinal: StepSpec = Field(0.5, description="final fine-tuning phase with a fixed pattern (fraction or steps)")
-    delta_t: StepSpec = Field(10, description="steps between budget allocations (deltaT)")
+    # official GLUE script for SST-2 (QingruZhang/AdaLoRA; DeBERTaV3-base, 24 epochs, ~50,500 steps): t_i 6000,
+    # t_f 22000, deltaT 100, gamma 0.1, lr 8e-4. The phases scale as shares of the run (0.12, 0.44); deltaT
+    # scales to 1 step (~225 reallocations there, one per step here, PEFT's default too)
+    tinit: StepSpec = Field(0.12, description="warm-up without pruning (fraction of steps, or steps)")
+    tfinal: StepSpec = Field(0.44, description="final fine-tuning phase with a fixed pattern (fraction or steps)")
+    delta_t: StepSpec = Field(1, description="steps between budget allocations (deltaT)")
     beta1: float = Field(0.85, ge=0.0, lt=1.0, description="EMA of the sensitivity")
     beta2: float = Field(0.85, ge=0.0, lt=1.0, description="EMA of the uncertainty")
-    orth_reg_weight: float = Field(0.5, ge=0.0, description="gamma of the orthogonality regulariser (PEFT 0.5)")
+    orth_reg_weight: float = Field(0.1, ge=0.0, description="gamma of the orthogonality regulariser (official "
+                                                             "GLUE scripts 0.1; PEFT's default 0.5)")
     prune_ties: bool = Field(True, description="reference behaviour: mask every score <= the threshold "
                                                "(ties over-prune); False masks exactly b0 - b(t)")
 

@@ -37,7 +37,7 @@ from lora_ops.adapters.blora import (
 from lora_ops.adapters.lora import lora_scale
 from lora_ops.data import BatchSource
 from lora_ops.methods.base import Method, MethodContext, register
-from lora_ops.methods.recipe import MethodParams
+from lora_ops.methods.recipe import MethodParams, Recipe
 from lora_ops.quant import validate_bits
 from lora_ops.targets import Target, inject, unload
 from lora_ops.training.controller import Controller
@@ -61,6 +61,11 @@ class BLoRAParams(MethodParams):
     baseline_bits: int = Field(16, ge=1, description="bit-width of the full-rank LoRA baseline for BOPs ratios")
     on_collapse: Literal["error", "warn"] = Field(
         "error", description="what to do when every adapter's quantised update is zero at the end of training")
+    # gates: a bit gate must fall from log-alpha 2.0 to the close rule's -2.0 (a rank gate from 6.0), and Adam
+    # moves it by about lr per step: at 1e-3 and 500 steps of warm-up + linear decay at most ~0.25, so no gate
+    # could ever close. The official config declares gates_lr 1e-2 (unused in its snapshot) for runs ~100x longer;
+    # 5e-2 lets an unused gate close within ~150 steps here. Factors and quantiser ranges keep train.lr.
+    recipe: Recipe = Field(default_factory=lambda: Recipe(group_lr={"gates": 5e-2}))
 
     @field_validator("lmbda")
     @classmethod

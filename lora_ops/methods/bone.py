@@ -17,7 +17,7 @@ from lora_ops.adapters.base import AdapterLayer, adapter_layers
 from lora_ops.adapters.bone import BatLinear, BoneLinear
 from lora_ops.export import PREFIX
 from lora_ops.methods.base import Method, MethodContext, PeftExport, register
-from lora_ops.methods.recipe import MethodParams
+from lora_ops.methods.recipe import MethodParams, Recipe
 from lora_ops.targets import Target, inject
 
 
@@ -25,12 +25,17 @@ class BoneParams(MethodParams):
     # 16 gives the same trainable parameter count as LoRA r=8 on MiniLM (all six linear types)
     block_size: int = Field(16, ge=1, description="block size b (PEFT MiSS `r`); trainable params = b * d_out")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on x before the shard sum (PEFT miss_dropout)")
+    # one Bone step moves the weight 6-12x more than a LoRA step at the same lr (the block's gradient sums
+    # every input shard); the authors and PEFT's MiSS benchmark train at 1e-4 or below. 2e-4: LoRA's 1e-3
+    # over ~6, scaled up a little for our short budget (the study sweeps it)
+    recipe: Recipe = Field(default_factory=lambda: Recipe(lr=2e-4))
 
 
 class BatParams(MethodParams):
     block_size: int = Field(16, ge=1, description="block size b; must divide in and out features of every target")
     # PEFT's Bat forward ignores miss_dropout; accepting a non-zero value would silently do nothing
     dropout: float = Field(0.0, ge=0.0, le=0.0, description="must be 0: Bat has no dropout (PEFT ignores it)")
+    recipe: Recipe = Field(default_factory=lambda: Recipe(lr=2e-4))  # as Bone (same step-size argument)
 
 
 class _BlockMethod(Method):

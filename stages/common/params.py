@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lora_ops.methods import AdapterConfig, available_methods, get_method
 from lora_ops.methods.recipe import check_groups
 from stages.common.tasks import TASKS
+from stages.common.workspace import origin_root
 
 
 class ConfigError(ValueError):
@@ -345,4 +346,5 @@ def mirror_path(params: Params, root: Path | str = ".") -> Path | None:
     if params.data.mirror is None:
         return None
     p = Path(params.data.mirror)
-    return p if p.is_absolute() else (Path(root) / p).resolve()
+    # relative to the repository, also when DVC runs this experiment in a copy under .dvc/tmp/exps
+    return p if p.is_absolute() else (origin_root(root) / p).resolve()

@@ -21,11 +21,14 @@ from typing import Any
 
 import yaml
 
+from stages.common.workspace import origin_root
+
 FINAL_STAGE = "promote"  # the last stage in dvc.yaml closes the parent run
 
 
 def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    # the repository's store, also for an experiment DVC runs in a copy under .dvc/tmp/exps
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{origin_root(root) / 'mlflow.db'}"
 
 
 def git_commit(root: Path) -> str:
@@ -93,7 +96,7 @@ class StageRun:
         name = self.params.get("tracking", {}).get("experiment", "lora-sieve")
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
-            artifacts = os.environ.get("LORA_SIEVE_ARTIFACTS") or (self.root / "mlartifacts").as_uri()
+            artifacts = os.environ.get("LORA_SIEVE_ARTIFACTS") or (origin_root(self.root) / "mlartifacts").as_uri()
             exp_id = self.client.create_experiment(name, artifact_location=artifacts)
         else:
             exp_id = exp.experiment_id
