@@ -137,7 +137,9 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def _log_mlflow(root: Path, experiment: str, files: list[Path], df: pd.DataFrame, tags: dict[str, str]) -> str:
+def _log_mlflow(root: Path, experiment: str, files: list[Path], df: pd.DataFrame, tags: dict[str, str],
+                kind: str = "compare") -> str:
+    """One MLflow run holding the report files (under ``<kind>/``) and the mean metrics per task and method."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -145,18 +147,21 @@ def _log_mlflow(root: Path, experiment: str, files: list[Path], df: pd.DataFrame
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         experiment, artifact_location=os.environ.get("LORA_SIEVE_ARTIFACTS") or (origin_root(root) / "mlartifacts").as_uri())
-    run_id = client.create_run(exp_id, tags={"mlflow.runName": f"compare {time.strftime('%Y-%m-%d %H:%M')}",
-                                             "compare": "true", **tags}).info.run_id
+    run_id = client.create_run(exp_id, tags={"mlflow.runName": f"{kind} {time.strftime('%Y-%m-%d %H:%M')}",
+                                             kind: "true", **tags}).info.run_id
     ts = int(time.time() * 1000)
     items = []
     for (task, method), g in df.groupby(["task", "method"], sort=False):
-        for col in ("score", "trainable_params", "train_seconds", "peak_rss_mb", "latency_merged_ms"):
+        for col in ("score", "trainable_params", "stored_params", "bops_ratio_adapter", "train_seconds",
+                    "peak_rss_mb", "latency_merged_ms"):
+            if col not in g:
+                continue
             value = g[col].astype(float).mean()
             if not math.isnan(value):
                 items.append(Metric(f"{task}.{method}.{col}", float(value), ts, 0))
     client.log_batch(run_id, metrics=items)
     for f in files:
-        client.log_artifact(run_id, str(f), "compare")
+        client.log_artifact(run_id, str(f), kind)
     client.set_terminated(run_id, "FINISHED")
     return run_id
 

@@ -391,7 +391,8 @@ def pipeline(overrides: dict[str, Any] | None = None, repo: str = str(ROOT), sta
                        **_read_json(root / "data" / "evaluate" / "timings.json")}
             decision = _read_json(root / "data" / "promote" / "decision.json")
             summary = _read_json(root / "data" / "finetune" / "summary.json")
-            finetune = {k: summary.get(k) for k in ("steps", "seconds", "peak_rss_mb", "peak_cuda_mb")}
+            finetune = {k: summary.get(k) for k in ("steps", "seconds", "peak_rss_mb", "peak_cuda_mb", "controller",
+                                                    "parameters", "best")}
             saved = save_experiment(str(root), exp_name) if save_as_experiment else None
             # a skipped evaluate logged its metrics to an earlier parent: give this run its own copy
             parent.finish(metrics if statuses.get("evaluate") != "ran" else None,

@@ -228,6 +228,29 @@ def test_compare_writes_table_csv_plot_and_mlflow_run(first, client):
     assert arts == {"compare/compare.md", "compare/compare.csv", "compare/compare.png"}
 
 
+def test_study_sweeps_on_validation_and_reruns_from_the_cache(first, client):
+    from flows.study import study
+
+    kw = dict(methods=["lora_drop"], seeds=[42, 7], lr_factors=[1.0, 2.0], repo=str(first.repo), out_dir="reports")
+    res = study(**kw)
+    rows = res["rows"]
+    assert [(r["seed"], r["lr_factor"]) for r in rows] == [(42, 1.0), (42, 2.0), (7, rows[2]["lr_factor"])]
+    assert not rows[0]["trained"]  # factor 1 is the fixture's run: DVC's cache, not a second training
+    sweep = rows[:2]
+    chosen = max(sweep, key=lambda r: r["validation_score"])  # on validation, whatever dev says
+    assert [r["selected"] for r in sweep] == [r is chosen for r in sweep] and rows[2]["selected"]
+    assert rows[2]["lr_factor"] == chosen["lr_factor"]
+    out = first.repo / "reports"
+    md = (out / "study.md").read_text()
+    assert "| sst2 | lora_drop | accuracy |" in md and "Learning-rate sweep" in md
+    assert (out / "study_pareto.png").read_bytes()[:4] == b"\x89PNG"
+    arts = {a.path for a in client.list_artifacts(res["mlflow_run_id"], "study")}
+    assert arts == {"study/study.md", "study/study.csv", "study/study_pareto.png"}
+    again = study(**kw)["rows"]  # same params, same code: every run comes back from DVC's run cache
+    assert not any(r["trained"] for r in again)
+    assert [r["score"] for r in again] == [r["score"] for r in rows]
+
+
 def test_worse_challenger_leaves_the_champion(first, client):
     res = pipeline(overrides={"registry.margin": 0.5}, repo=str(first.repo))
     assert res["stages"]["promote"] == "ran" and res["stages"]["finetune"] == "skipped"

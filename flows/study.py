@@ -1,0 +1,324 @@
+"""The method study: methods x tasks x seeds, each method with its own recipe and a small learning-rate
+sweep chosen on the validation split, all at the same budget in training examples.
+
+For every (task, method): the sweep runs the first seed at ``lr_factors`` x the method's recipe
+learning rate (its ``recipe.lr``, or ``train.lr`` where the recipe says null); the factor with the
+best *validation* score is kept (ties: the one nearest the recipe's own value) and the remaining
+seeds run at it. The dev split is only reported. Every run is one :func:`flows.pipeline.pipeline`
+run, saved as a DVC experiment, so a rerun of the study (same params, same code) is restored from
+DVC's run cache instead of trained again. Outputs::
+
+    reports/study.csv          every run, sweep included (column ``selected``)
+    reports/study.md           mean ± std over seeds per task and method, the sweep, the papers' targets
+    reports/study_pareto.png   dev metric against stored adapter parameters, one point per method
+
+    python -m flows.study --methods lora lora_drop bone bat dora_dr adalora blora --seeds 1 2 3 \\
+        -S data.train_size=2000 -S train.epochs=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger
+
+from flows.compare import _fmt, _fmt_int, _log_mlflow
+from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, validate_overrides
+from stages.common.io import atomic_path
+from stages.common.params import ConfigError, Params
+from stages.common.tracking import git_commit
+
+COLUMNS = ["task", "method", "seed", "lr", "lr_factor", "selected", "metric", "score", "validation_score",
+           "trivial_score", "trainable_params", "stored_params", "pct_of_lora", "bops_ratio_adapter",
+           "gates_closed", "train_seconds", "peak_rss_mb", "peak_cuda_mb", "trained", "experiment", "mlflow_run_id"]
+
+
+def recipe_lr(params: Params) -> float:
+    """The adapter learning rate the selected method trains at: its recipe's, else ``train.lr``."""
+    recipe = params.method_params().recipe
+    return recipe.lr if recipe.lr is not None else params.train.lr
+
+
+def scaled(lr: float, factor: float) -> float:
+    """``lr * factor`` to three significant digits (a readable value in params and experiment names)."""
+    return float(f"{lr * factor:.3g}")
+
+
+def closed_gates(method: str, controller: dict[str, Any] | None, bits: list[int] | None) -> int | None:
+    """Bayesian-LoRA: rank gates closed plus bit-width levels dropped, summed over modules."""
+    if method != "blora" or not controller or not bits:
+        return None
+    closed = 0
+    for row in controller.get("modules", []):
+        closed += int(row["max_rank"]) - int(row["rank"])
+        closed += sum(len(bits) - 1 - bits.index(int(v)) for k, v in row.items() if k.startswith("bits_"))
+    return closed
+
+
+def study_row(result: dict[str, Any], params: Params, lr: float, factor: float) -> dict[str, Any]:
+    m, ft = result["metrics"], result.get("finetune") or {}
+    ratio = m.get("trainable_ratio_to_lora")
+    bits = list(params.method_params().bits) if params.method.name == "blora" else None  # type: ignore[attr-defined]
+    return {
+        "task": params.task.name, "method": params.method.name, "seed": params.seed, "lr": lr, "lr_factor": factor,
+        "selected": False, "metric": m.get("main_metric", "score"), "score": m.get("score"),
+        "validation_score": m.get("best_validation"), "trivial_score": m.get("trivial_score"),
+        "trainable_params": m.get("trainable_params"), "stored_params": m.get("stored_params"),
+        "pct_of_lora": None if ratio is None else 100 * ratio, "bops_ratio_adapter": m.get("bops_ratio_adapter"),
+        "gates_closed": closed_gates(params.method.name, ft.get("controller"), bits),
+        "train_seconds": m.get("train_seconds", ft.get("seconds")), "peak_rss_mb": ft.get("peak_rss_mb"),
+        "peak_cuda_mb": ft.get("peak_cuda_mb"), "trained": result.get("stages", {}).get("finetune") == "ran",
+        "experiment": result.get("experiment"),
+        "mlflow_run_id": result.get("mlflow_run_id"),
+    }
+
+
+def choose_factor(sweep: list[dict[str, Any]]) -> float:
+    """The sweep row with the best validation score; ties go to the factor nearest 1 (the recipe)."""
+    best = max(sweep, key=lambda r: (float(r["validation_score"]), -abs(math.log(r["lr_factor"]))))
+    return float(best["lr_factor"])
+
+
+# ----------------------------------------------------------------------------- report
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds of the selected runs, per task and method (in study order)."""
+    sel = df[df["selected"]]
+    rows = []
+    for (task, method), g in sel.groupby(["task", "method"], sort=False):
+        score = g["score"].astype(float)
+        rows.append({
+            "task": task, "method": method, "metric": g["metric"].iloc[0], "n": len(g), "lr": g["lr"].iloc[0],
+            "score_mean": score.mean(), "score_std": score.std(ddof=1) if len(g) > 1 else 0.0,
+            "validation_mean": g["validation_score"].astype(float).mean(),
+            "trivial": g["trivial_score"].astype(float).mean(),
+            "trainable_params": g["trainable_params"].astype(float).mean(),
+            "stored_mean": g["stored_params"].astype(float).mean(),
+            "stored_std": g["stored_params"].astype(float).std(ddof=1) if len(g) > 1 else 0.0,
+            "pct_of_lora": g["pct_of_lora"].astype(float).mean(),
+            "bops_ratio_adapter": g["bops_ratio_adapter"].astype(float).mean(),
+            "gates_closed": g["gates_closed"].astype(float).mean(),
+            "train_seconds": g["train_seconds"].astype(float).mean(),
+            "peak_rss_mb": g["peak_rss_mb"].astype(float).mean(),
+        })
+    return pd.DataFrame(rows)
+
+
+def targets(s: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The papers' trends (ISSUES: the study issue), checked on the means: (target, measured, verdict)."""
+    out: list[tuple[str, str, str]] = []
+    for task, g in s.groupby("task", sort=False):
+        by = {r["method"]: r for _, r in g.iterrows()}
+        lora = by.get("lora")
+        if lora is None:
+            continue
+
+        def gap(name: str, by: dict = by, lora: Any = lora) -> float:
+            return 100 * (by[name]["score_mean"] - lora["score_mean"])  # points on a 0-100 scale
+
+        def verdict(ok: bool) -> str:
+            return "met" if ok else "**not met**"
+
+        if "lora_drop" in by:
+            share = by["lora_drop"]["stored_mean"] / lora["stored_mean"]
+            out.append((f"{task}: lora_drop <= 60 % of LoRA's stored params, within 1 pt",
+                        f"{100 * share:.1f} %, {gap('lora_drop'):+.2f} pt", verdict(share <= 0.6 and gap("lora_drop") >= -1)))
+        if "bone" in by:
+            out.append((f"{task}: bone within 1 pt of lora (equal params)", f"{gap('bone'):+.2f} pt",
+                        verdict(gap("bone") >= -1)))
+        if "bat" in by and "bone" in by:
+            d = 100 * (by["bat"]["score_mean"] - by["bone"]["score_mean"])
+            out.append((f"{task}: bat >= bone", f"{d:+.2f} pt", verdict(d >= 0)))
+        if "dora_dr" in by:
+            out.append((f"{task}: dora_dr within 0.5 pt of lora", f"{gap('dora_dr'):+.2f} pt",
+                        verdict(gap("dora_dr") >= -0.5)))
+            if "adalora" in by:
+                d = 100 * (by["dora_dr"]["score_mean"] - by["adalora"]["score_mean"])
+                out.append((f"{task}: dora_dr >= adalora", f"{d:+.2f} pt", verdict(d >= 0)))
+        if "adalora" in by:
+            out.append((f"{task}: adalora within 2 pt of lora", f"{gap('adalora'):+.2f} pt",
+                        verdict(gap("adalora") >= -2)))
+        if "blora" in by:
+            b = by["blora"]
+            ratio, closed = b["bops_ratio_adapter"], b["gates_closed"]
+            ok = gap("blora") >= -1 and ratio <= 0.5 and closed > 0
+            out.append((f"{task}: blora within 1 pt at <= 0.5x a 16-bit LoRA's adapter BOPs, gates closed",
+                        f"{gap('blora'):+.2f} pt, {ratio:.3f}x BOPs, {closed:.0f} gates closed", verdict(ok)))
+    return out
+
+
+def markdown(df: pd.DataFrame, header: str, command: str) -> str:
+    s = summary(df)
+    lines = [header, "", f"Command: `{command}`", "",
+             "| task | method | metric | dev (mean ± std) | n | lr | validation | stored params (mean ± std) "
+             "| % of LoRA | adapter BOPs vs 16-bit LoRA | gates closed | train s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in s.iterrows():
+        stored = _fmt_int(r["stored_mean"]) + (f" ± {_fmt_int(r['stored_std'])}" if r["stored_std"] else "")
+        lines.append("| " + " | ".join([
+            r["task"], r["method"], r["metric"], f"{r['score_mean']:.4f} ± {r['score_std']:.4f}", str(r["n"]),
+            f"{r['lr']:.1e}", _fmt(r["validation_mean"], 4), stored, _fmt(r["pct_of_lora"]),
+            _fmt(r["bops_ratio_adapter"], 3), _fmt_int(r["gates_closed"]), _fmt(r["train_seconds"]),
+            _fmt(r["peak_rss_mb"], 0)]) + " |")
+    lines += ["", "Learning-rate sweep (first seed; chosen on the validation split, dev shown for reference):", "",
+              "| task | method | lr factor | lr | validation | dev | chosen |", "|---|---|---|---|---|---|---|"]
+    first = df.groupby(["task", "method"], sort=False)["seed"].transform("first")
+    for _, r in df[df["seed"] == first].iterrows():
+        lines.append(f"| {r['task']} | {r['method']} | {r['lr_factor']:g} | {r['lr']:.1e} | "
+                     f"{_fmt(r['validation_score'], 4)} | {_fmt(r['score'], 4)} | {'yes' if r['selected'] else ''} |")
+    checks = targets(s)
+    if checks:
+        lines += ["", "Targets (the papers' trends, on the means above):", "", "| target | measured | verdict |",
+                  "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in checks]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_chart(df: pd.DataFrame, path: Path) -> None:
+    """Dev metric against stored adapter parameters: one point per method (error bars: std over seeds),
+    the Pareto frontier (fewest parameters for the quality) drawn through the non-dominated methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summary(df)
+    tasks = list(dict.fromkeys(s["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        g = s[s["task"] == task].sort_values("stored_mean")
+        for _, r in g.iterrows():
+            ax.errorbar(r["stored_mean"], r["score_mean"], xerr=r["stored_std"] or None, yerr=r["score_std"],
+                        fmt="o", capsize=3, label=f"{r['method']} (n={r['n']})")
+            ax.annotate(r["method"], (r["stored_mean"], r["score_mean"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
+        frontier, best = [], -math.inf
+        for _, r in g.iterrows():  # ascending parameters: a point is on the frontier if it beats all smaller ones
+            if r["score_mean"] > best:
+                frontier.append((r["stored_mean"], r["score_mean"]))
+                best = r["score_mean"]
+        if len(frontier) > 1:
+            ax.step(*zip(*frontier), where="post", color="grey", alpha=0.5, linestyle="--", label="Pareto frontier")
+        ax.set_xlabel("stored adapter parameters")
+        ax.set_ylabel(f"dev {g['metric'].iloc[0]} (mean ± std over seeds)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- flow
+@flow(name="lora-sieve-study", log_prints=True)
+def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
+          lr_factors: list[float] | None = None, overrides: dict[str, Any] | None = None, repo: str = str(ROOT),
+          out_dir: str = "reports", retries: int = 2, command: str = "") -> dict[str, Any]:
+    """Sweep, then seeds, for every (task, method); write ``<out_dir>/study.{md,csv}`` and the Pareto chart."""
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    base = {**(overrides or {}), "registry.enabled": False}  # a study must not move the champion
+    factors = sorted(set(lr_factors or [1.0]))
+    if not methods or not seeds:
+        raise ConfigError("a study needs at least one method and one seed")
+    if any(f <= 0 for f in factors):
+        raise ConfigError(f"lr factors must be > 0, got {factors}")
+    plan = [(t, m) for t in (tasks or [None]) for m in methods]
+
+    def overrides_for(task: str | None, method: str, seed: int, factor: float = 1.0,
+                      base_lr: float = 0.0) -> dict[str, Any]:
+        o = {**base, "method.name": method, "seed": seed}
+        if task is not None:
+            o["task.name"] = task
+        if factor != 1.0:  # factor 1 is the recipe as written: same params, so DVC's cache serves earlier runs
+            o[f"{method}.recipe.lr"] = scaled(base_lr, factor)
+        return o
+
+    checked = {(t, m): validate_overrides(root, overrides_for(t, m, seeds[0])) for t, m in plan}  # fail early
+    rows: list[dict[str, Any]] = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for task, method in plan:
+        p0 = checked[(task, method)]
+        base_lr = recipe_lr(p0)
+        sweep = []
+        for f in factors:
+            lr = scaled(base_lr, f)
+            o = overrides_for(task, method, seeds[0], f, base_lr)
+            p = validate_overrides(root, o)
+            name = f"study-{p.task.name}-{method}-s{seeds[0]}-lr{lr:g}-{stamp}"
+            sweep.append(study_row(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries),
+                                   p, lr, f))
+            logger.info("%s %s seed %d lr %.2e: validation %.4f, dev %.4f", p.task.name, method, seeds[0], lr,
+                        sweep[-1]["validation_score"], sweep[-1]["score"])
+        chosen = choose_factor(sweep) if len(sweep) > 1 else factors[0]
+        for r in sweep:
+            r["selected"] = r["lr_factor"] == chosen
+        rows += sweep
+        lr = scaled(base_lr, chosen)
+        for seed in seeds[1:]:
+            o = overrides_for(task, method, seed, chosen, base_lr)
+            p = validate_overrides(root, o)
+            name = f"study-{p.task.name}-{method}-s{seed}-lr{lr:g}-{stamp}"
+            r = study_row(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries), p, lr, chosen)
+            r["selected"] = True
+            rows.append(r)
+        logger.info("%s %s: lr factor %g chosen on validation", p0.task.name, method, chosen)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    out = root / out_dir
+    p0 = next(iter(checked.values()))
+    header = (f"# Method study\n\nModel `{p0.model.name}`, {p0.data.train_size} training examples "
+              f"(validation {p0.data.validation_size} carved from train), {p0.train.epochs} epochs, batch "
+              f"{p0.train.batch_size}, adapter rank {p0.adapter.rank} on `{p0.adapter.targets}`; seeds {seeds}; "
+              f"lr factors {factors} of each method's recipe lr, chosen on validation with seed {seeds[0]}. "
+              f"Dev metric = the full dev split, never used for a choice. git {git_commit(root)[:12]}, "
+              f"{time.strftime('%Y-%m-%d')}.")
+    files = [out / "study.md", out / "study.csv", out / "study_pareto.png"]
+    with atomic_path(files[1]) as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_path(files[0]) as tmp:
+        tmp.write_text(markdown(df, header, command or "python -m flows.study ..."))
+    pareto_chart(df, files[2])
+    run_id = _log_mlflow(root, p0.tracking.experiment, files, df[df["selected"]], kind="study", tags={
+                         "study": "true", "methods": ",".join(methods), "seeds": ",".join(map(str, seeds)),
+                          "overrides": json.dumps(base, default=str)[:5000]})
+    print(markdown(df, header, command))
+    return {"rows": rows, "files": [str(f) for f in files], "mlflow_run_id": run_id}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Seeded method study with a per-method lr sweep on validation.")
+    ap.add_argument("--methods", nargs="+", required=True)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--tasks", nargs="+")
+    ap.add_argument("--lr-factors", nargs="+", type=float, default=[0.5, 1.0, 2.0],
+                    help="multiples of each method's recipe lr tried on the first seed")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for every run, repeatable")
+    ap.add_argument("--repo", default=str(ROOT))
+    ap.add_argument("--out", default="reports")
+    args = ap.parse_args(argv)
+    root = Path(args.repo).resolve()
+    try:
+        overrides = dict(parse_override(s) for s in args.set)
+        for t in args.tasks or [None]:
+            for m in args.methods:
+                o = {**overrides, "method.name": m} | ({"task.name": t} if t else {})
+                validate_overrides(root, o)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    command = "python -m flows.study " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = study(methods=args.methods, seeds=args.seeds, tasks=args.tasks, lr_factors=args.lr_factors,
+                   overrides=overrides, repo=str(root), out_dir=args.out, command=command)
+    print("\n".join(result["files"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

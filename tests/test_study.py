@@ -1,0 +1,54 @@
+"""The study's selection and report logic on hand-made rows (the real runs are in test_flows)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from flows.study import COLUMNS, choose_factor, closed_gates, markdown, pareto_chart, summary, targets
+
+
+def _row(method, seed, score, stored, factor=1.0, selected=True, validation=None, **kw):
+    r = dict.fromkeys(COLUMNS)
+    r.update(task="sst2", method=method, seed=seed, lr=1e-3 * factor, lr_factor=factor, selected=selected,
+             metric="accuracy", score=score, validation_score=score if validation is None else validation,
+             trivial_score=0.5, trainable_params=stored, stored_params=stored, pct_of_lora=100 * stored / 1000,
+             train_seconds=10.0, peak_rss_mb=900.0, trained=True)
+    r.update(kw)
+    return r
+
+
+def test_lr_choice_uses_validation_and_prefers_the_recipe_on_ties():
+    sweep = [_row("lora", 1, 0.90, 1000, f, validation=v) for f, v in ((0.5, 0.80), (1.0, 0.85), (2.0, 0.85))]
+    assert choose_factor(sweep) == 1.0  # tie between 1 and 2: the recipe's own value
+    sweep[0]["validation_score"] = 0.86
+    sweep[0]["score"] = 0.10  # dev plays no part
+    assert choose_factor(sweep) == 0.5
+
+
+def test_closed_gates_counts_rank_and_bit_levels():
+    ctl = {"modules": [{"rank": 6, "max_rank": 8, "bits_A": 8, "bits_B": 32},
+                       {"rank": 8, "max_rank": 8, "bits_A": 32, "bits_B": 2}]}
+    # 2 rank gates + 8-bit (2 levels below 32) + 2-bit (4 levels)
+    assert closed_gates("blora", ctl, [2, 4, 8, 16, 32]) == 2 + 2 + 4
+    assert closed_gates("lora", ctl, None) is None
+
+
+def test_summary_targets_report_and_chart(tmp_path):
+    rows = [_row("lora", s, 0.84 + 0.002 * s, 1000) for s in (1, 2, 3)]
+    rows += [_row("lora_drop", s, 0.835, 550) for s in (1, 2, 3)]  # 55 %, -0.7 pt: met
+    rows += [_row("bone", s, 0.80, 1000) for s in (1, 2, 3)]  # -4.4 pt: not met
+    rows += [_row("bat", s, 0.81, 1000) for s in (1, 2, 3)]
+    rows += [_row("blora", s, 0.84, 1000, bops_ratio_adapter=0.4, gates_closed=12) for s in (1, 2, 3)]
+    rows.append(_row("lora", 1, 0.70, 1000, factor=2.0, selected=False))  # a sweep run: not in the means
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    s = summary(df)
+    lora = s[s["method"] == "lora"].iloc[0]
+    assert lora["n"] == 3 and lora["score_mean"] == pytest.approx(0.844) and lora["score_std"] == pytest.approx(0.002)
+    verdicts = {t.split(": ", 1)[1].split(" ")[0]: v for t, _, v in targets(s)}
+    assert verdicts == {"lora_drop": "met", "bone": "**not met**", "bat": "met", "blora": "met"}
+    md = markdown(df, "# Method study", "python -m flows.study --methods lora")
+    assert "| sst2 | lora | accuracy | 0.8440 ± 0.0020 | 3 |" in md
+    assert "| sst2 | lora | 2 | 2.0e-03 | 0.7000 | 0.7000 |  |" in md  # the sweep row, not chosen
+    pareto_chart(df, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
