@@ -46,6 +46,27 @@ def recipe_lr(params: Params) -> float:
     return recipe.lr if recipe.lr is not None else params.train.lr
 
 
+def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """``lora_drop[threshold=0.6,probe_epochs=1]`` -> (label, method, {"lora_drop.threshold": 0.6, ...}).
+
+    A variant is a method with some of its own settings changed; it is a row of its own in the study."""
+    import yaml
+
+    spec = spec.strip()
+    if "[" not in spec:
+        return spec, spec, {}
+    if not spec.endswith("]"):
+        raise ConfigError(f"method variant {spec!r}: write it as method[key=value,...]")
+    method, body = spec[:-1].split("[", 1)
+    settings: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in body.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"method variant {spec!r}: {item!r} is not key=value")
+        settings[f"{method}.{key.strip()}"] = yaml.safe_load(value)
+    return spec, method, settings
+
+
 def scaled(lr: float, factor: float) -> float:
     """``lr * factor`` to three significant digits (a readable value in params and experiment names)."""
     return float(f"{lr * factor:.3g}")
@@ -62,12 +83,13 @@ def closed_gates(method: str, controller: dict[str, Any] | None, bits: list[int]
     return closed
 
 
-def study_row(result: dict[str, Any], params: Params, lr: float, factor: float) -> dict[str, Any]:
+def study_row(result: dict[str, Any], params: Params, lr: float, factor: float, label: str | None = None
+              ) -> dict[str, Any]:
     m, ft = result["metrics"], result.get("finetune") or {}
     ratio = m.get("trainable_ratio_to_lora")
     bits = list(params.method_params().bits) if params.method.name == "blora" else None  # type: ignore[attr-defined]
     return {
-        "task": params.task.name, "method": params.method.name, "seed": params.seed, "lr": lr, "lr_factor": factor,
+        "task": params.task.name, "method": label or params.method.name, "seed": params.seed, "lr": lr, "lr_factor": factor,
         "selected": False, "metric": m.get("main_metric", "score"), "score": m.get("score"),
         "validation_score": m.get("best_validation"), "trivial_score": m.get("trivial_score"),
         "trainable_params": m.get("trainable_params"), "stored_params": m.get("stored_params"),
@@ -78,6 +100,13 @@ def study_row(result: dict[str, Any], params: Params, lr: float, factor: float) 
         "experiment": result.get("experiment"),
         "mlflow_run_id": result.get("mlflow_run_id"),
     }
+
+
+def exp_name(task: str, label: str, seed: int, lr: float, stamp: str) -> str:
+    """A DVC experiment name (letters, digits, - and _ only) for one study run."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", f"study-{task}-{label}-s{seed}-lr{lr:g}-{stamp}").strip("-")
 
 
 def choose_factor(sweep: list[dict[str, Any]]) -> float:
@@ -114,7 +143,9 @@ def targets(s: pd.DataFrame) -> list[tuple[str, str, str]]:
     """The papers' trends (ISSUES: the study issue), checked on the means: (target, measured, verdict)."""
     out: list[tuple[str, str, str]] = []
     for task, g in s.groupby("task", sort=False):
-        by = {r["method"]: r for _, r in g.iterrows()}
+        by: dict[str, Any] = {}
+        for _, r in g.iterrows():  # a method's first row (plain, or its first variant) stands for it
+            by.setdefault(str(r["method"]).split("[", 1)[0], r)
         lora = by.get("lora")
         if lora is None:
             continue
@@ -127,7 +158,7 @@ def targets(s: pd.DataFrame) -> list[tuple[str, str, str]]:
 
         if "lora_drop" in by:
             share = by["lora_drop"]["stored_mean"] / lora["stored_mean"]
-            out.append((f"{task}: lora_drop <= 60 % of LoRA's stored params, within 1 pt",
+            out.append((f"{task}: {by['lora_drop']['method']} <= 60 % of LoRA's stored params, within 1 pt",
                         f"{100 * share:.1f} %, {gap('lora_drop'):+.2f} pt", verdict(share <= 0.6 and gap("lora_drop") >= -1)))
         if "bone" in by:
             out.append((f"{task}: bone within 1 pt of lora (equal params)", f"{gap('bone'):+.2f} pt",
@@ -229,11 +260,13 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
         raise ConfigError("a study needs at least one method and one seed")
     if any(f <= 0 for f in factors):
         raise ConfigError(f"lr factors must be > 0, got {factors}")
+    variants = {spec: parse_variant(spec) for spec in methods}
     plan = [(t, m) for t in (tasks or [None]) for m in methods]
 
-    def overrides_for(task: str | None, method: str, seed: int, factor: float = 1.0,
+    def overrides_for(task: str | None, spec: str, seed: int, factor: float = 1.0,
                       base_lr: float = 0.0) -> dict[str, Any]:
-        o = {**base, "method.name": method, "seed": seed}
+        _, method, settings = variants[spec]
+        o = {**base, **settings, "method.name": method, "seed": seed}
         if task is not None:
             o["task.name"] = task
         if factor != 1.0:  # factor 1 is the recipe as written: same params, so DVC's cache serves earlier runs
@@ -243,18 +276,19 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     checked = {(t, m): validate_overrides(root, overrides_for(t, m, seeds[0])) for t, m in plan}  # fail early
     rows: list[dict[str, Any]] = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for task, method in plan:
-        p0 = checked[(task, method)]
+    for task, spec in plan:
+        p0 = checked[(task, spec)]
+        label, method, _ = variants[spec]
         base_lr = recipe_lr(p0)
         sweep = []
         for f in factors:
             lr = scaled(base_lr, f)
-            o = overrides_for(task, method, seeds[0], f, base_lr)
+            o = overrides_for(task, spec, seeds[0], f, base_lr)
             p = validate_overrides(root, o)
-            name = f"study-{p.task.name}-{method}-s{seeds[0]}-lr{lr:g}-{stamp}"
+            name = exp_name(p.task.name, label, seeds[0], lr, stamp)
             sweep.append(study_row(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries),
-                                   p, lr, f))
-            logger.info("%s %s seed %d lr %.2e: validation %.4f, dev %.4f", p.task.name, method, seeds[0], lr,
+                                   p, lr, f, label))
+            logger.info("%s %s seed %d lr %.2e: validation %.4f, dev %.4f", p.task.name, label, seeds[0], lr,
                         sweep[-1]["validation_score"], sweep[-1]["score"])
         chosen = choose_factor(sweep) if len(sweep) > 1 else factors[0]
         for r in sweep:
@@ -262,13 +296,14 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
         rows += sweep
         lr = scaled(base_lr, chosen)
         for seed in seeds[1:]:
-            o = overrides_for(task, method, seed, chosen, base_lr)
+            o = overrides_for(task, spec, seed, chosen, base_lr)
             p = validate_overrides(root, o)
-            name = f"study-{p.task.name}-{method}-s{seed}-lr{lr:g}-{stamp}"
-            r = study_row(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries), p, lr, chosen)
+            name = exp_name(p.task.name, label, seed, lr, stamp)
+            r = study_row(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries), p, lr, chosen,
+                          label)
             r["selected"] = True
             rows.append(r)
-        logger.info("%s %s: lr factor %g chosen on validation", p0.task.name, method, chosen)
+        logger.info("%s %s: lr factor %g chosen on validation", p0.task.name, label, chosen)
     df = pd.DataFrame(rows, columns=COLUMNS)
     out = root / out_dir
     p0 = next(iter(checked.values()))
@@ -307,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = dict(parse_override(s) for s in args.set)
         for t in args.tasks or [None]:
-            for m in args.methods:
-                o = {**overrides, "method.name": m} | ({"task.name": t} if t else {})
+            for spec in args.methods:
+                _, m, settings = parse_variant(spec)
+                o = {**overrides, **settings, "method.name": m} | ({"task.name": t} if t else {})
                 validate_overrides(root, o)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,8 +14,9 @@ from lora_ops.targets import find_targets, freeze_all_but
 from lora_ops.training.state import join_state, split_state
 
 # small-budget settings so every allocator and pruner acts within a few steps
-FAST = {"dora_dr": {"prune_interval": 2}, "adalora": {"delta_t": 2}, "loraprune": {"ratio": 0.5, "prune_every": 2,
-                                                                                   "min_score_updates": 2}}
+# (lora_drop at T = 0.4 keeps one module per group and shares one pair among the other two)
+FAST = {"dora_dr": {"prune_interval": 2}, "adalora": {"delta_t": 2}, "lora_drop": {"threshold": 0.4},
+        "loraprune": {"ratio": 0.5, "prune_every": 2, "min_score_updates": 2}}
 
 
 def features(n: int = 40, seq: int = 12, seed: int = 5, variable_lengths: bool = True) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ def _run(rank: int, world: int, method_name: str, init_file: str, out: str, epoc
     import torch.distributed as tdist
 
     from lora_ops.data import BatchSource
+    from lora_ops.methods.recipe import apply_recipe
     from lora_ops.training import TrainConfig, TrainingInterrupted, train, trainable_state
 
     torch.set_num_threads(1)
@@ -46,7 +47,9 @@ def _run(rank: int, world: int, method_name: str, init_file: str, out: str, epoc
         # longest example, and the global batch sequence must still be the 1-process one
         data = BatchSource(feats, 8, seed=3, rank=rank, world_size=world, group_by_length=True)
         controller = method.controller(model, plan, ctx)
-        cfg = TrainConfig(epochs=epochs, lr=5e-3, warmup_ratio=0.0, checkpoint_every=2, progress=False)
+        # each method's recipe (its parameter groups at their own learning rates), as the finetune stage does
+        cfg = apply_recipe(TrainConfig(epochs=epochs, lr=5e-3, warmup_ratio=0.0, checkpoint_every=2, progress=False),
+                           ctx.params.recipe)
 
         def checkpoint(state: dict) -> None:
             if rank == 0:

@@ -23,6 +23,7 @@ from method_cases import build_case
 
 from lora_ops import available_methods
 from lora_ops.data import BatchSource
+from lora_ops.methods.recipe import apply_recipe
 from lora_ops.training import TrainConfig, train, trainable_state
 
 
@@ -32,7 +33,8 @@ def _train_once(method_name: str) -> tuple[dict[str, torch.Tensor], dict]:
     data = BatchSource(feats, 8, seed=3, group_by_length=True)
     controller = method.controller(model, plan, ctx)
     torch.manual_seed(11)  # the dropout stream
-    train(model, data, TrainConfig(epochs=2, lr=5e-3, warmup_ratio=0.0, progress=False), controller=controller)
+    cfg = apply_recipe(TrainConfig(epochs=2, lr=5e-3, warmup_ratio=0.0, progress=False), ctx.params.recipe)
+    train(model, data, cfg, controller=controller)
     return trainable_state(model), controller.summary()
 
 

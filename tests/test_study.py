@@ -5,7 +5,17 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from flows.study import COLUMNS, choose_factor, closed_gates, markdown, pareto_chart, summary, targets
+from flows.study import (
+    COLUMNS,
+    choose_factor,
+    closed_gates,
+    markdown,
+    pareto_chart,
+    parse_variant,
+    summary,
+    targets,
+)
+from stages.common.params import ConfigError
 
 
 def _row(method, seed, score, stored, factor=1.0, selected=True, validation=None, **kw):
@@ -52,3 +62,12 @@ def test_summary_targets_report_and_chart(tmp_path):
     assert "| sst2 | lora | 2 | 2.0e-03 | 0.7000 | 0.7000 |  |" in md  # the sweep row, not chosen
     pareto_chart(df, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_method_variants_parse_to_overrides():
+    assert parse_variant("lora") == ("lora", "lora", {})
+    assert parse_variant("lora_drop[threshold=0.6, probe_epochs=1]") == (
+        "lora_drop[threshold=0.6, probe_epochs=1]", "lora_drop", {"lora_drop.threshold": 0.6,
+                                                                   "lora_drop.probe_epochs": 1})
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_variant("lora_drop[threshold]")
