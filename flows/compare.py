@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from itertools import product
@@ -158,7 +159,9 @@ def _log_mlflow(root: Path, experiment: str, files: list[Path], df: pd.DataFrame
                 continue
             value = g[col].astype(float).mean()
             if not math.isnan(value):
-                items.append(Metric(f"{task}.{method}.{col}", float(value), ts, 0))
+                # MLflow metric names allow letters, digits, _ - . space : / (a variant's [k=v] does not pass)
+                key = re.sub(r"[^A-Za-z0-9_\-. :/]+", "_", f"{task}.{method}.{col}")
+                items.append(Metric(key, float(value), ts, 0))
     client.log_batch(run_id, metrics=items)
     for f in files:
         client.log_artifact(run_id, str(f), kind)
