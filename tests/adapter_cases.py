@@ -24,7 +24,8 @@ METHODS = available_methods()
 # adapters' contribution to outputs and gradients is not trivially zero in a comparison
 FACTORS = ("A", "B", "E", "block", "gate")
 # fast schedules so a few steps exercise every controller's allocation / pruning / gate logic
-FAST = {"dora_dr": {"prune_interval": 2}, "adalora": {"delta_t": 2}, "loraprune": {"ratio": 0.5, "prune_every": 2}}
+FAST = {"dora_dr": {"prune_interval": 2}, "adalora": {"delta_t": 2}, "loraprune": {"ratio": 0.5, "prune_every": 2,
+                                                                                   "min_score_updates": 2}}
 
 
 @dataclass

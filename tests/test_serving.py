@@ -86,7 +86,8 @@ def _pruned(model, tokenizer):
     from lora_ops.training.loop import TrainConfig, train
 
     method = get_method("loraprune")
-    ctx = MethodContext(adapter=AdapterConfig(rank=2, alpha=4), params=method.params_model(ratio=0.5, prune_every=2))
+    ctx = MethodContext(adapter=AdapterConfig(rank=2, alpha=4), params=method.params_model(ratio=0.5, prune_every=2,
+                                                                                       min_score_updates=1))
     targets = find_targets(model, "all")
     plan = method.plan_model(model, targets, ctx)
     method.build(model, targets, plan, ctx)

@@ -1,0 +1,100 @@
+"""Recipe ablations: train one method on the prepared split with param overrides, report validation.
+
+The quick way to see what a recipe setting does before a study: the finetune stage's model, data,
+recipe and controller, without DVC, MLflow or files. It needs ``data/prepare`` (run
+``dvc repro prepare`` with the same data overrides first) and prints one JSON line per variant::
+
+    python benchmarks/recipe_ablation.py --method adalora --steps 189 -S data.train_size=2000 \\
+        --variant 'adalora.recipe.group_lr={}' --variant 'adalora.recipe.group_lr={gates: 5.0e-2}'
+
+Each variant is a ``;``-separated list of ``key=value`` overrides (values are YAML). Every run is
+seeded from params (same head, adapter, data order), so variants differ only by their overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lora_ops.data import BatchSource  # noqa: E402
+from lora_ops.targets import find_targets  # noqa: E402
+from lora_ops.training import train  # noqa: E402
+from stages.common import runtime  # noqa: E402
+from stages.common.io import read_parquet  # noqa: E402
+from stages.common.params import load_params  # noqa: E402
+from stages.common.pipeline import (  # noqa: E402
+    Paths,
+    build_adapted,
+    evaluate_features,
+    load_base,
+    method_context,
+    select_metric,
+    task_of,
+    tokenize,
+)
+
+
+def parse(pairs: list[str]) -> dict:
+    out = {}
+    for item in pairs:
+        key, _, value = item.partition("=")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def run_variant(overrides: dict, steps: int) -> dict:
+    params = load_params(overrides=overrides)
+    method, ctx = method_context(params)
+    if method.needs_calibration:
+        raise SystemExit(f"{method.name} needs its calibrate stage: use the pipeline (dvc exp run) instead")
+    base = load_base(params)
+    plan = method.decide([], find_targets(base.model, params.adapter.targets), ctx)
+    adapted = build_adapted(params, plan)
+    task, tok = task_of(params), adapted.loaded.tokenizer
+    train_f = tokenize(read_parquet(Paths.train), task, tok, params.model.max_length)
+    val_f = tokenize(read_parquet(Paths.validation), task, tok, params.model.max_length)
+    data = BatchSource(train_f, params.train.batch_size, seed=runtime.derive_seed(params.seed, "data") % 2**31,
+                       group_by_length=params.train.group_by_length)
+    cfg = adapted.ctx.train
+    cfg.max_steps, cfg.progress, cfg.select_metric = steps, False, select_metric(params)
+    cfg.epochs = max(cfg.epochs, -(-steps // len(data)))
+    controller = method.controller(adapted.model, plan, adapted.ctx)
+    runtime.seed_everything(runtime.derive_seed(params.seed, "dropout", 0))
+    started = time.perf_counter()
+    result = train(adapted.model, data, cfg, controller=controller)
+    metrics = evaluate_features(adapted.model, val_f, task, params.evaluate.batch_size, adapted.ctx.device)
+    summary = controller.summary()
+    out = {"validation": metrics, "steps": result.steps, "seconds": round(time.perf_counter() - started, 1),
+           "final_loss_mean_last10": sum(r["loss"] for r in result.history[-10:]) / min(10, len(result.history)),
+           "parameters": method.parameter_counts(adapted.model)}
+    if "bops" in summary:
+        out.update(bops_ratio_adapter=summary["bops"]["ratio_adapter"], mean_rank=summary["mean_rank"])
+    if "active_components" in summary:
+        out["active_components"] = summary["active_components"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--steps", type=int, default=189)
+    ap.add_argument("-S", "--set", action="append", default=[], help="override for every variant")
+    ap.add_argument("--variant", action="append", default=[], help="';'-separated overrides of one variant")
+    args = ap.parse_args()
+    common = {**parse(args.set), "method.name": args.method}
+    for variant in args.variant or [""]:
+        extra = parse([v for v in variant.split(";") if v.strip()])
+        res = run_variant({**common, **extra}, args.steps)
+        print(json.dumps({"method": args.method, "variant": extra, **res}, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
