@@ -38,7 +38,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 
 from stages.common.params import ConfigError, Params, load_params
-from stages.common.tracking import flatten, git_commit, params_hash, tracking_uri
+from stages.common.tracking import flatten, git_commit, params_hash, store_lock, tracking_uri
 from stages.common.workspace import origin_root
 
 STAGES = ["resolve", "prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate", "promote"]
@@ -293,15 +293,16 @@ class ParentRun:
     def __init__(self, root: Path, params: Params, run_name: str, tags: dict[str, str]) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri(root))
         dump = params.model_dump()
         name = params.tracking.experiment
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:  # same location rule as StageRun, so stage and flow agree
-            artifacts = os.environ.get("LORA_SIEVE_ARTIFACTS") or (origin_root(root) / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
-        else:
-            self.experiment_id = exp.experiment_id
+        with store_lock(tracking_uri(root)):  # another process may be creating the store right now
+            self.client = MlflowClient(tracking_uri(root))  # (constructing the client already opens it)
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:  # same location rule as StageRun, so stage and flow agree
+                artifacts = os.environ.get("LORA_SIEVE_ARTIFACTS") or (origin_root(root) / "mlartifacts").as_uri()
+                self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
+            else:
+                self.experiment_id = exp.experiment_id
         self.run_id = self.client.create_run(self.experiment_id, tags={
             "mlflow.runName": run_name, "pipeline": "true", "git_commit": git_commit(root),
             "params_hash": params_hash(dump), "method": params.method.name, "task": params.task.name,

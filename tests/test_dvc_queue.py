@@ -45,7 +45,9 @@ def test_queued_experiments_run_two_at_a_time_with_the_relative_mirror(tmp_path:
             time.sleep(5)
     finally:
         run(["dvc", "queue", "stop"], repo, check=False)
-    logs = {n: run(["dvc", "queue", "logs", n], repo, check=False).stdout[-2000:] for n in names}
+    logs = {n: run(["dvc", "queue", "logs", n], repo, check=False).stdout[-2500:] for n in names}
+    failed = [n for n in sorted(names) if re.search(rf"{n}\s.*Failed", status)]
+    logs = {n: logs[n] for n in failed} or logs  # the failed one first: its tail says why
     assert status.count("Success") == 2 and "Failed" not in status, f"{status}\n{logs}"
     found: dict = {}
     _named(json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout), names, found)

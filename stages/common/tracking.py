@@ -9,6 +9,7 @@ local sqlite file inside the repository unless ``MLFLOW_TRACKING_URI`` says othe
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -16,6 +17,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,27 @@ FINAL_STAGE = "promote"  # the last stage in dvc.yaml closes the parent run
 def tracking_uri(root: Path) -> str:
     # the repository's store, also for an experiment DVC runs in a copy under .dvc/tmp/exps
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{origin_root(root) / 'mlflow.db'}"
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a sqlite MLflow store across processes.
+
+    Two queued DVC experiments (``dvc queue start -j 2``) start at the same moment: both would
+    create the database (MLflow runs its schema migrations on first contact) and the experiment,
+    and the loser fails. Held only around that first contact; later writes are sqlite's business.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def git_commit(root: Path) -> str:
@@ -86,20 +110,22 @@ class StageRun:
         from mlflow.tracking import MlflowClient
 
         uri = self.uri = tracking_uri(self.root)
-        mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(uri)
-        if any(spool_dir(self.root).glob("*.jsonl")):  # an earlier stage lost the server: deliver first
-            delivered, pending = flush_unlogged(self.root, uri)
-            if delivered or pending:
-                print(f"{self.stage}: delivered {delivered} tracking call(s) an earlier stage could not log"
-                      + (f"; {pending} still pending" if pending else ""), file=sys.stderr)
-        name = self.params.get("tracking", {}).get("experiment", "lora-sieve")
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            artifacts = os.environ.get("LORA_SIEVE_ARTIFACTS") or (origin_root(self.root) / "mlartifacts").as_uri()
-            exp_id = self.client.create_experiment(name, artifact_location=artifacts)
-        else:
-            exp_id = exp.experiment_id
+        # parallel queued experiments: one process creates the store (schema migrations) and the experiment
+        with store_lock(uri):
+            mlflow.set_tracking_uri(uri)
+            self.client = MlflowClient(uri)
+            if any(spool_dir(self.root).glob("*.jsonl")):  # an earlier stage lost the server: deliver first
+                delivered, pending = flush_unlogged(self.root, uri)
+                if delivered or pending:
+                    print(f"{self.stage}: delivered {delivered} tracking call(s) an earlier stage could not log"
+                          + (f"; {pending} still pending" if pending else ""), file=sys.stderr)
+            name = self.params.get("tracking", {}).get("experiment", "lora-sieve")
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                artifacts = os.environ.get("LORA_SIEVE_ARTIFACTS") or (origin_root(self.root) / "mlartifacts").as_uri()
+                exp_id = self.client.create_experiment(name, artifact_location=artifacts)
+            else:
+                exp_id = exp.experiment_id
         self.experiment_id = exp_id
         commit = git_commit(self.root)
         hashes = dvc_stage_hashes(self.root)
