@@ -4,8 +4,9 @@ The evaluate stage reports ``max |unmerged - merged|`` on the task model's outpu
 ~1e-7 were measured on MiniLM classifier logits (two outputs, 6 layers, |logit| < 5); LoRAPrune's on
 SmolLM2 next-token logits (49,152 outputs, 30 layers, |logit| up to ~30). This script measures the
 same quantity for plain LoRA and for LoRAPrune on the same SmolLM2 and the same 256 WikiText-2
-tokens, in float32 and float64. If the gap were a pruning or masking bug it would survive float64;
-if it is float32 rounding of a deeper, wider model it shrinks by ~1e9 and LoRA shows the same size.
+tokens, in float32 and float64. A masking bug would show as a gap far above plain LoRA's on the same
+model. (float64 does not remove rounding entirely: Llama's RMSNorm computes in float32 whatever the
+input dtype, so both methods keep a ~1e-5 floor there.)
 
     python benchmarks/loraprune_merge_gap.py        # writes benchmarks/results/loraprune_merge_gap.json
 """
