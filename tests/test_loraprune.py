@@ -345,3 +345,14 @@ def test_perplexity_matches_model_loss(tiny_llama):
     assert res["ppl"] == pytest.approx(torch.exp(loss).item(), rel=1e-4)
     with pytest.raises(ValueError, match="windows"):
         perplexity(tiny_llama, tokens, window=16, windows=5)
+
+
+def test_merged_model_applies_the_masks(tiny_llama):
+    method, ctx, plan = _setup(tiny_llama, ratio=0.5, prune_every=3, exempt_layers=[2])
+    _train(tiny_llama, method, ctx, plan, _lm_batch)
+    batch = _lm_batch(seed=7)
+    with torch.no_grad():
+        masked = tiny_llama(input_ids=batch["input_ids"]).logits
+        merged = method.merged_model(tiny_llama, plan, ctx)
+        assert not adapter_layers(merged) and merged.model.layers[0].mlp.down_proj.in_features < 96
+        torch.testing.assert_close(merged(input_ids=batch["input_ids"]).logits, masked, rtol=1e-4, atol=1e-5)

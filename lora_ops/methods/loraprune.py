@@ -187,6 +187,10 @@ class LoRAPrune(Method):
         ctl.masks_from_layers()
         return ctl.plan()
 
+    def merged_model(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> nn.Module:
+        # the base class folds LoRA only; a LoRAPrune model without its masks applied is not the trained model
+        return self.export_merged(model, plan, ctx)
+
     def export_merged(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> nn.Module:
         """Heads and channels physically removed, LoRA merged; widths recorded in the config."""
         final = self.final_plan(model, plan, ctx)
