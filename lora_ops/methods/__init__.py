@@ -5,9 +5,11 @@ from lora_ops.methods import (  # noqa: F401  (registration side effects)
     blora,
     bone,
     dora_dr,
+    eva,
     lora,
     lora_drop,
     loraprune,
+    svd_trim,
 )
 from lora_ops.methods.base import (
     AdapterConfig,

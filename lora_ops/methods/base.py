@@ -47,6 +47,10 @@ class AdapterConfig(BaseModel):
 NoParams = MethodParams  # a method with no settings of its own still has a recipe
 
 
+class MissingDependency(ImportError):
+    """An optional dependency of one method is not installed (the message says how to install it)."""
+
+
 @dataclass
 class MethodContext:
     """Everything a method verb may need beyond the model: validated settings and the seed."""
@@ -76,6 +80,10 @@ class Method:
     stage_settings: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: why the merge stage writes no PEFT adapter for this method ("" = it writes one)
     no_peft_export_reason: ClassVar[str] = ""
+
+    def check_environment(self) -> None:
+        """Raise :class:`MissingDependency` (one line: what to install) when an optional dependency this
+        method needs is absent. Called when params are loaded, so a run fails before any stage works."""
 
     # ---------------------------------------------------------------- stages
     def calibrate(

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_ops.methods import AdapterConfig, available_methods, get_method
+from lora_ops.methods.base import MissingDependency
 from lora_ops.methods.recipe import check_groups
 from stages.common.tasks import TASKS
 from stages.common.workspace import origin_root
@@ -289,6 +290,10 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
                 check_groups(settings.recipe, get_method(name).parameter_groups, name)
             except ValueError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
+    try:
+        get_method(params.method.name).check_environment()
+    except MissingDependency as exc:
+        raise ConfigError(str(exc)) from None
     _check_data_reachable(params, path.parent)
     _check_model(params)
     _check_precision(params)

@@ -68,7 +68,10 @@ def error_exit(exc: BaseException, name: str) -> int | None:
     if isinstance(exc, StopRequested):
         print(f"{name}: {exc}", file=sys.stderr)
         return exc.exit_code
-    if isinstance(exc, (ConfigError, DataUnavailable, ModelUnavailable, FileNotFoundError, KeyError, ValueError)):
+    from lora_ops.methods.base import MissingDependency
+
+    if isinstance(exc, (ConfigError, DataUnavailable, ModelUnavailable, FileNotFoundError, KeyError, ValueError,
+                        MissingDependency)):
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         code = EXIT_BAD_INPUT
     elif isinstance(exc, SafetensorError):  # a raw safetensors read outside stages.common.io's readers

@@ -1,0 +1,111 @@
+"""``svd_trim``: plain LoRA, then each module's update trimmed post hoc by SVD energy (peer baseline).
+
+This is what a PEFT user gets from ``convert_to_lora(model, rank=<float>)`` / ``save_as_lora`` after
+training: every module's ``ΔW = s B A`` is replaced by its truncated SVD at the smallest rank that
+keeps ``energy`` of its singular-value energy, without further training. It is the post-hoc
+counterpart of the methods that decide ranks *before* or *while* training (LoRA-drop, EVA, DoRA-DR).
+
+Training is LoRA's, bit for bit (same plan, same seeds, same recipe). When training ends (after
+the best epoch's state is restored) the controller trims every pair in place: rows ``k..r`` of
+``A`` and columns ``k..r`` of ``B`` become exact zeros, so the saved adapter keeps LoRA's shapes
+and loads anywhere LoRA's does, while accounting and export use the trimmed rank ``k`` (a module
+trimmed to rank 0 is left out of the PEFT export).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from lora_ops.adapters.base import AdapterLayer, adapter_layers
+from lora_ops.adapters.lora import LoRALinear, LoRAPair, lora_scale
+from lora_ops.lowrank import truncated_factors
+from lora_ops.methods.base import Method, MethodContext, register
+from lora_ops.methods.recipe import MethodParams
+from lora_ops.targets import Target, inject
+from lora_ops.training.controller import Controller
+
+
+class SvdTrimParams(MethodParams):
+    # PEFT convert_to_lora: a float rank in (0, 1] is this energy threshold; 0.9 keeps 90 % of Σ S²
+    energy: float = Field(0.9, gt=0.0, le=1.0, description="share of each update's singular-value energy kept")
+
+
+class TrimmableLoRALinear(LoRALinear):
+    """A LoRA layer whose pair may have been trimmed to its first ``trimmed_rank`` components."""
+
+    method = "svd_trim"
+
+    def trimmed_rank(self) -> int:
+        """Leading components in use: rows of ``A`` up to the last non-zero one (all of them before a trim)."""
+        nonzero = (self.lora.A.detach() != 0).any(dim=1) | (self.lora.B.detach() != 0).any(dim=0)
+        idx = torch.nonzero(nonzero).flatten()
+        return int(idx[-1]) + 1 if idx.numel() else 0
+
+    def trim(self, energy: float) -> int:
+        """Replace the pair by the truncated SVD of this layer's update, zero-padded to its shape."""
+        with torch.no_grad():
+            a, b, k = truncated_factors(self.delta_weight(), energy)
+            self.lora.A.zero_()
+            self.lora.B.zero_()
+            if k:
+                self.lora.A[:k] = a.to(self.lora.A.dtype)
+                self.lora.B[:, :k] = (b / self.scale).to(self.lora.B.dtype)
+        return k
+
+    def num_active(self) -> int:
+        return self.trimmed_rank() * (self.in_features + self.out_features)
+
+    def as_lora(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        k = self.trimmed_rank()
+        return self.lora.A.detach()[:k], self.lora.B.detach()[:, :k], self.scale
+
+
+class TrimController(Controller):
+    """Trims every layer when training ends (called again after the best state is restored: that
+    state is LoRA's untrimmed one, so each trim starts from a trained update, never from a trimmed one)."""
+
+    def __init__(self, layers: dict[str, TrimmableLoRALinear], energy: float) -> None:
+        self.layers, self.energy = layers, energy
+        self.ranks: dict[str, int] = {}
+
+    def on_train_end(self) -> None:
+        self.ranks = {name: layer.trim(self.energy) for name, layer in self.layers.items()}
+
+    def summary(self) -> dict[str, Any]:
+        ranks = self.ranks or {n: layer.trimmed_rank() for n, layer in self.layers.items()}
+        return {"energy": self.energy, "ranks": ranks, "dropped": sorted(n for n, k in ranks.items() if k == 0),
+                "mean_rank": sum(ranks.values()) / max(len(ranks), 1)}
+
+
+@register
+class SvdTrim(Method):
+    name = "svd_trim"
+    description = "plain LoRA trimmed after training to the rank keeping `energy` of each update's SVD energy"
+    params_model = SvdTrimParams
+    stage_settings = {"decide": (), "finetune": ("energy", "recipe")}
+
+    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
+              ) -> dict[str, AdapterLayer]:
+        a = ctx.adapter
+        planned = plan["modules"]
+
+        def make(t: Target, lin: nn.Linear) -> TrimmableLoRALinear | None:
+            if t.name not in planned:
+                return None
+            pair = LoRAPair(lin.in_features, lin.out_features, a.rank)
+            return TrimmableLoRALinear(lin, pair, lora_scale(a.alpha, a.rank, a.rslora), a.dropout)
+
+        return inject(model, targets, make)
+
+    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> Controller:
+        params: SvdTrimParams = ctx.params  # type: ignore[assignment]
+        layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, TrimmableLoRALinear)}
+        return TrimController(layers, params.energy)
+
+    def parameter_counts(self, model: nn.Module) -> dict[str, int]:
+        counts = super().parameter_counts(model)
+        return {**counts, "stored": counts["active"]}  # trainable: LoRA's; stored: the trimmed ranks
