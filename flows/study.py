@@ -37,7 +37,8 @@ from stages.common.tracking import git_commit
 
 COLUMNS = ["task", "method", "seed", "lr", "lr_factor", "selected", "metric", "score", "validation_score",
            "trivial_score", "trainable_params", "stored_params", "pct_of_lora", "bops_ratio_adapter",
-           "gates_closed", "train_seconds", "peak_rss_mb", "peak_cuda_mb", "trained", "experiment", "mlflow_run_id"]
+           "gates_closed", "train_seconds", "peak_rss_mb", "peak_cuda_mb", "trained", "experiment", "mlflow_run_id",
+           "git"]
 
 
 def recipe_lr(params: Params) -> float:
@@ -184,17 +185,48 @@ def targets(s: pd.DataFrame) -> list[tuple[str, str, str]]:
     return out
 
 
+PEERS = ("eva", "svd_trim")
+
+
+def peer_rows(s: pd.DataFrame) -> list[tuple[str, ...]]:
+    """Each method against each peer present (same task): dev difference, stored-parameter difference and
+    which of the two is better on both axes (the other cases are trade-offs, said as such)."""
+    out: list[tuple[str, ...]] = []
+    for task, g in s.groupby("task", sort=False):
+        rows = {str(r["method"]): r for _, r in g.iterrows()}
+        peers = [p for p in rows if p.split("[", 1)[0] in PEERS]
+        for name, r in rows.items():
+            if name.split("[", 1)[0] in PEERS:
+                continue
+            for peer in peers:
+                q = rows[peer]
+                d_score = 100 * (r["score_mean"] - q["score_mean"])
+                d_params = r["stored_mean"] - q["stored_mean"]
+                if d_score >= 0 and d_params <= 0:
+                    verdict = "beats the peer"
+                elif d_score <= 0 and d_params >= 0:
+                    verdict = "**peer better**"
+                else:
+                    verdict = "trade-off"
+                out.append((task, name, peer, f"{d_score:+.2f}", f"{d_params:+,.0f}", verdict))
+    return out
+
+
 def markdown(df: pd.DataFrame, header: str, command: str) -> str:
     s = summary(df)
     lines = [header, "", f"Command: `{command}`", "",
              "| task | method | metric | dev (mean ± std) | n | lr | validation | stored params (mean ± std) "
-             "| % of LoRA | adapter BOPs vs 16-bit LoRA | gates closed | train s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| stored % of LoRA | trainable % of LoRA | adapter BOPs vs 16-bit LoRA | gates closed | train s "
+             "| peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lora_stored = {t: float(g["stored_mean"].iloc[0]) for t, g in s[s["method"] == "lora"].groupby("task")}
     for _, r in s.iterrows():
         stored = _fmt_int(r["stored_mean"]) + (f" ± {_fmt_int(r['stored_std'])}" if r["stored_std"] else "")
         lines.append("| " + " | ".join([
             r["task"], r["method"], r["metric"], f"{r['score_mean']:.4f} ± {r['score_std']:.4f}", str(r["n"]),
-            f"{r['lr']:.1e}", _fmt(r["validation_mean"], 4), stored, _fmt(r["pct_of_lora"]),
+            f"{r['lr']:.1e}", _fmt(r["validation_mean"], 4), stored,
+            _fmt(100 * r["stored_mean"] / lora_stored[r["task"]] if r["task"] in lora_stored else None),
+            _fmt(r["pct_of_lora"]),
             _fmt(r["bops_ratio_adapter"], 3), _fmt_int(r["gates_closed"]), _fmt(r["train_seconds"]),
             _fmt(r["peak_rss_mb"], 0)]) + " |")
     lines += ["", "Learning-rate sweep (first seed; chosen on the validation split, dev shown for reference):", "",
@@ -203,6 +235,14 @@ def markdown(df: pd.DataFrame, header: str, command: str) -> str:
     for _, r in df[df["seed"] == first].iterrows():
         lines.append(f"| {r['task']} | {r['method']} | {r['lr_factor']:g} | {r['lr']:.1e} | "
                      f"{_fmt(r['validation_score'], 4)} | {_fmt(r['score'], 4)} | {'yes' if r['selected'] else ''} |")
+    peers = peer_rows(s)
+    if peers:
+        lines += ["", "Against PEFT's own alternatives (`eva`: EVA initialisation and rank redistribution; "
+                  "`svd_trim`: LoRA trimmed after training by SVD energy, PEFT `convert_to_lora`): dev points and "
+                  "stored parameters of each method minus the peer's (a method beats a peer when it is at least as "
+                  "good with fewer parameters):", "",
+                  "| task | method | peer | dev Δ (pt) | stored params Δ | verdict |", "|---|---|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} | {e} | {f} |" for a, b, c, d, e, f in peers]
     checks = targets(s)
     if checks:
         lines += ["", "Targets (the papers' trends, on the means above):", "", "| target | measured | verdict |",
@@ -250,8 +290,12 @@ def pareto_chart(df: pd.DataFrame, path: Path) -> None:
 @flow(name="lora-sieve-study", log_prints=True)
 def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
           lr_factors: list[float] | None = None, overrides: dict[str, Any] | None = None, repo: str = str(ROOT),
-          out_dir: str = "reports", retries: int = 2, command: str = "") -> dict[str, Any]:
-    """Sweep, then seeds, for every (task, method); write ``<out_dir>/study.{md,csv}`` and the Pareto chart."""
+          out_dir: str = "reports", retries: int = 2, command: str = "", append: str | None = None
+          ) -> dict[str, Any]:
+    """Sweep, then seeds, for every (task, method); write ``<out_dir>/study.{md,csv}`` and the Pareto chart.
+
+    ``append``: an earlier ``study.csv`` whose rows are kept, except those of the (task, method) pairs
+    run now; every row carries the git commit it ran at, so the report says which code made it."""
     logger = get_run_logger()
     root = Path(repo).resolve()
     base = {**(overrides or {}), "registry.enabled": False}  # a study must not move the champion
@@ -304,15 +348,30 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
             r["selected"] = True
             rows.append(r)
         logger.info("%s %s: lr factor %g chosen on validation", p0.task.name, label, chosen)
+    commit = git_commit(root)[:12]
+    for r in rows:
+        r["git"] = commit
     df = pd.DataFrame(rows, columns=COLUMNS)
+    if append:
+        earlier = pd.read_csv(append)
+        if "git" not in earlier.columns:
+            earlier["git"] = None
+        ran = set(zip(df["task"], df["method"]))
+        keep = earlier[[(t, m) not in ran for t, m in zip(earlier["task"], earlier["method"])]]
+        df = pd.concat([keep.reindex(columns=COLUMNS), df], ignore_index=True)
+        df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
     out = root / out_dir
     p0 = next(iter(checked.values()))
     header = (f"# Method study\n\nModel `{p0.model.name}`, {p0.data.train_size} training examples "
               f"(validation {p0.data.validation_size} carved from train), {p0.train.epochs} epochs, batch "
               f"{p0.train.batch_size}, adapter rank {p0.adapter.rank} on `{p0.adapter.targets}`; seeds {seeds}; "
               f"lr factors {factors} of each method's recipe lr, chosen on validation with seed {seeds[0]}. "
-              f"Dev metric = the full dev split, never used for a choice. git {git_commit(root)[:12]}, "
+              f"Dev metric = the full dev split, never used for a choice. git {commit}, "
               f"{time.strftime('%Y-%m-%d')}.")
+    if append:
+        header += (f" Rows of {', '.join(sorted({m for _, m in zip(df['task'], df['method'])} - {m for _, m in ran}))}"
+                   f" kept from `{append}` (column `git` of study.csv: the commit each row ran at); the rows of "
+                   f"{', '.join(methods)} ran now.")
     files = [out / "study.md", out / "study.csv", out / "study_pareto.png"]
     with atomic_path(files[1]) as tmp:
         df.to_csv(tmp, index=False)
@@ -337,8 +396,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="override for every run, repeatable")
     ap.add_argument("--repo", default=str(ROOT))
     ap.add_argument("--out", default="reports")
+    ap.add_argument("--append", metavar="STUDY_CSV",
+                    help="keep the rows of an earlier study.csv (except the methods run now) in the report")
     args = ap.parse_args(argv)
     root = Path(args.repo).resolve()
+    if args.append and not Path(args.append).is_file():
+        print(f"error: --append {args.append}: no such study.csv", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         overrides = dict(parse_override(s) for s in args.set)
         for t in args.tasks or [None]:
@@ -351,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     command = "python -m flows.study " + " ".join(argv if argv is not None else sys.argv[1:])
     result = study(methods=args.methods, seeds=args.seeds, tasks=args.tasks, lr_factors=args.lr_factors,
-                   overrides=overrides, repo=str(root), out_dir=args.out, command=command)
+                   overrides=overrides, repo=str(root), out_dir=args.out, command=command,
+                   append=str(Path(args.append).resolve()) if args.append else None)
     print("\n".join(result["files"]))
     return 0
 

@@ -12,6 +12,7 @@ from flows.study import (
     markdown,
     pareto_chart,
     parse_variant,
+    peer_rows,
     summary,
     targets,
 )
@@ -71,3 +72,20 @@ def test_method_variants_parse_to_overrides():
                                                                    "lora_drop.probe_epochs": 1})
     with pytest.raises(ConfigError, match="key=value"):
         parse_variant("lora_drop[threshold]")
+
+
+def test_peers_table_says_who_beats_whom():
+    rows = [_row("lora", s, 0.84, 1000) for s in (1, 2, 3)]
+    rows += [_row("lora_drop", s, 0.845, 600) for s in (1, 2, 3)]   # better and smaller than both peers
+    rows += [_row("bone", s, 0.80, 1000) for s in (1, 2, 3)]        # worse and not smaller than eva
+    rows += [_row("eva", s, 0.83, 900) for s in (1, 2, 3)]
+    rows += [_row("svd_trim[energy=0.8]", s, 0.82, 500) for s in (1, 2, 3)]
+    s = summary(pd.DataFrame(rows, columns=COLUMNS))
+    verdicts = {(m, p): v for _, m, p, _, _, v in peer_rows(s)}
+    assert verdicts[("lora_drop", "eva")] == "beats the peer"
+    assert verdicts[("lora_drop", "svd_trim[energy=0.8]")] == "trade-off"  # better, but 100 more params
+    assert verdicts[("bone", "eva")] == "**peer better**"
+    assert not any(m in ("eva", "svd_trim[energy=0.8]") for m, _ in verdicts)  # peers are not compared to peers
+    md = markdown(pd.DataFrame(rows, columns=COLUMNS), "# Method study", "cmd")
+    assert "| sst2 | lora_drop | eva | +1.50 | -300 | beats the peer |" in md
+    assert "| sst2 | svd_trim[energy=0.8] | accuracy |" in md and "| 50.0 |" in md  # stored % of LoRA
