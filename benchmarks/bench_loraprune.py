@@ -167,7 +167,7 @@ def vm_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def memory_probe(criterion: str) -> None:
+def memory_probe(criterion: str, batch_size: int = BATCH, checkpointing: bool = False) -> None:
     """One training step + scoring in this (fresh) process; print its allocator-level peak in MiB."""
     try:
         import memray
@@ -175,11 +175,13 @@ def memory_probe(criterion: str) -> None:
         raise SystemExit("bench_loraprune needs memray for the memory probe: pip install memray") from exc
     torch.set_num_threads(THREADS)
     model = load_dense()
+    if checkpointing:  # activations recomputed in backward: what a large model is trained with
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     method, ctx, plan = prepare(model, criterion)
     model.train()
     ctl = method.controller(model, plan, ctx)
     ctl.bind(100)
-    batch = alpaca_features(tokenizer(), BATCH)
+    batch = alpaca_features(tokenizer(), batch_size)
     # one warm-up step outside the measurement: first-call allocations (oneDNN primitives, thread
     # pools) are not the criterion's; the controller's EMA buffers exist from here on in both cases
     model(**batch).loss.backward()
@@ -199,11 +201,34 @@ def memory_probe(criterion: str) -> None:
                       "rss_peak_mib": (peak - base) / 1024, "base_mib": base / 1024}))
 
 
-def run_memory(criterion: str) -> dict:
+def run_memory(criterion: str, batch_size: int = BATCH, checkpointing: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, __file__, "--memory-probe", criterion], capture_output=True, text=True,
-                         env=env, check=True)
+    out = subprocess.run([sys.executable, __file__, "--memory-probe", criterion, str(batch_size),
+                          str(int(checkpointing))], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_sweep() -> None:
+    """Scoring peak (allocator level) of ``loraprune`` vs ``grad`` as activations shrink or grow:
+    batch x 64 tokens, with and without gradient checkpointing. Writes results/loraprune_memory.md."""
+    rows = []
+    for checkpointing in (False, True):
+        for batch_size in (1, 4, 16):
+            lp = run_memory("loraprune", batch_size, checkpointing)["alloc_peak_mib"]
+            gr = run_memory("grad", batch_size, checkpointing)["alloc_peak_mib"]
+            rows.append((checkpointing, batch_size, lp, gr))
+            print(f"checkpointing={checkpointing} batch={batch_size}: loraprune {lp:.0f} MiB, grad {gr:.0f} MiB, "
+                  f"ratio {lp / gr:.2f}", flush=True)
+    lines = ["# LoRAPrune scoring memory against `grad` (SmolLM2-135M, CPU, allocator level)", "",
+             "`python benchmarks/bench_loraprune.py --memory-sweep`: peak of live bytes (memray) over one training "
+             f"step + scoring, model loaded and one warm-up step done, {SEQ}-token Alpaca prompts, LoRA r=8 on all "
+             "7 roles, ratio 0.5 plan; `grad` keeps the full dL/dW of every prunable linear.", "",
+             "| gradient checkpointing | batch x tokens | `loraprune` MiB | `grad` MiB | ratio |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| {'on' if c else 'off'} | {b} x {SEQ} | {lp:.0f} | {gr:.0f} | {lp / gr:.2f} |" for c, b, lp, gr in rows]
+    out = REPO / "benchmarks" / "results" / "loraprune_memory.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -313,7 +338,10 @@ def write_report(results: dict, mem: dict, grid: dict, load_start, load_end, sec
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--memory-probe":
-        memory_probe(sys.argv[2])
+    if len(sys.argv) >= 3 and sys.argv[1] == "--memory-probe":
+        memory_probe(sys.argv[2], *(int(x) for x in sys.argv[3:4]), *(bool(int(x)) for x in sys.argv[4:5]))
+    elif sys.argv[1:] == ["--memory-sweep"]:
+        torch.set_num_threads(THREADS)
+        memory_sweep()
     else:
         main()

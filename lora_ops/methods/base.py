@@ -28,7 +28,7 @@ from lora_ops.adapters.base import AdapterLayer, adapter_layers
 from lora_ops.data import BatchSource
 from lora_ops.export import PeftExport, export_lora_family
 from lora_ops.methods.recipe import MethodParams
-from lora_ops.targets import Target
+from lora_ops.targets import Target, unload
 from lora_ops.training.controller import Controller
 from lora_ops.training.loop import TrainConfig
 
@@ -131,8 +131,6 @@ class Method:
     # ---------------------------------------------------------------- export
     def merged_model(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> nn.Module:
         """A plain model with the adapters folded in (LoRAPrune also slices pruned structure here)."""
-        from lora_ops.targets import unload
-
         return unload(model, merge=True)
 
     def export_merged(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> nn.Module:

@@ -22,6 +22,7 @@ from torch import nn
 from lora_ops.adapters.base import AdapterLayer, adapter_layers
 from lora_ops.adapters.lora import LoRAPair, lora_scale
 from lora_ops.data import BatchSource
+from lora_ops.export import export_lora_family
 from lora_ops.methods.base import Method, MethodContext, PeftExport, register
 from lora_ops.methods.lora import own_lora
 from lora_ops.methods.recipe import MethodParams
@@ -209,8 +210,6 @@ class LoRAPrune(Method):
 
     def export_peft(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> PeftExport:
         """LoRA re-keyed to the *pruned* shapes (apply it to an unmerged pruned base); model unchanged."""
-        from lora_ops.export import export_lora_family
-
         final = self.final_plan(model, plan, ctx)
         pruned = prune_model(copy.deepcopy(model), final, merge=False)
         return export_lora_family(pruned)

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_ops.adapters.base import AdapterLayer
+from lora_ops.adapters.base import AdapterLayer, adapter_layers
 from lora_ops.adapters.lora import LoRALinear, LoRAPair
-from lora_ops.targets import unload
+from lora_ops.targets import find_targets, unload
 
 CONFIG_KEY = "lora_sieve_pruning"
 
@@ -168,8 +168,6 @@ def _record(model: nn.Module, plan: dict[str, Any]) -> None:
 
 def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> dict[str, Any]:
     """``save_pretrained`` of a pruned, merged model; returns the recorded pruning info."""
-    from lora_ops.adapters.base import adapter_layers
-
     if adapter_layers(model):
         raise ValueError("merge the adapters first (prune_model(..., merge=True)) before saving a plain HF folder")
     info = getattr(model.config, CONFIG_KEY, None)
@@ -225,8 +223,6 @@ def load_pruned_model(path: str | Path, dtype: torch.dtype | None = None, device
 
 def _narrow(model: nn.Module, widths: dict[str, dict[str, int]]) -> None:
     """Replace each layer's linear modules by empty ones of the recorded widths."""
-    from lora_ops.targets import find_targets
-
     by_layer: dict[int, dict[str, str]] = {}
     for t in find_targets(model, "all"):
         by_layer.setdefault(t.layer, {})[t.role] = t.name
