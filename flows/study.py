@@ -103,6 +103,17 @@ def study_row(result: dict[str, Any], params: Params, lr: float, factor: float, 
     }
 
 
+def with_earlier_rows(df: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
+    """``earlier`` rows first (without the (task, method) pairs ``df`` has run again), then ``df``'s."""
+    if "git" not in earlier.columns:
+        earlier = earlier.assign(git=None)
+    ran = set(zip(df["task"], df["method"]))
+    keep = earlier[[(t, m) not in ran for t, m in zip(earlier["task"], earlier["method"])]]
+    out = pd.concat([keep.reindex(columns=COLUMNS), df.reindex(columns=COLUMNS)], ignore_index=True)
+    out["selected"] = out["selected"].astype(str).str.lower().isin(["true", "1"])
+    return out
+
+
 def exp_name(task: str, label: str, seed: int, lr: float, stamp: str) -> str:
     """A DVC experiment name (letters, digits, - and _ only) for one study run."""
     import re
@@ -352,14 +363,9 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     for r in rows:
         r["git"] = commit
     df = pd.DataFrame(rows, columns=COLUMNS)
+    ran = set(zip(df["task"], df["method"]))
     if append:
-        earlier = pd.read_csv(append)
-        if "git" not in earlier.columns:
-            earlier["git"] = None
-        ran = set(zip(df["task"], df["method"]))
-        keep = earlier[[(t, m) not in ran for t, m in zip(earlier["task"], earlier["method"])]]
-        df = pd.concat([keep.reindex(columns=COLUMNS), df], ignore_index=True)
-        df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
+        df = with_earlier_rows(df, pd.read_csv(append))
     out = root / out_dir
     p0 = next(iter(checked.values()))
     header = (f"# Method study\n\nModel `{p0.model.name}`, {p0.data.train_size} training examples "

@@ -15,6 +15,7 @@ from flows.study import (
     peer_rows,
     summary,
     targets,
+    with_earlier_rows,
 )
 from stages.common.params import ConfigError
 
@@ -89,3 +90,15 @@ def test_peers_table_says_who_beats_whom():
     md = markdown(pd.DataFrame(rows, columns=COLUMNS), "# Method study", "cmd")
     assert "| sst2 | lora_drop | eva | +1.50 | -300 | beats the peer |" in md
     assert "| sst2 | svd_trim[energy=0.8] | accuracy |" in md and "| 50.0 |" in md  # stored % of LoRA
+
+
+def test_append_keeps_earlier_rows_except_the_methods_run_again(tmp_path):
+    earlier = pd.DataFrame([_row("lora", s, 0.84, 1000) for s in (1, 2)] + [_row("eva", 1, 0.70, 900)],
+                           columns=COLUMNS).drop(columns=["git"])  # a study.csv from before the git column
+    earlier.to_csv(tmp_path / "study.csv", index=False)
+    now = pd.DataFrame([_row("eva", s, 0.83, 900, git="abc123") for s in (1, 2)], columns=COLUMNS)
+    merged = with_earlier_rows(now, pd.read_csv(tmp_path / "study.csv"))
+    assert list(merged["method"]) == ["lora", "lora", "eva", "eva"]  # the earlier eva row is replaced
+    assert merged["selected"].dtype == bool and merged["selected"].all()
+    assert list(merged["git"].fillna("")) == ["", "", "abc123", "abc123"]
+    assert summary(merged).set_index("method").loc["eva", "score_mean"] == pytest.approx(0.83)
