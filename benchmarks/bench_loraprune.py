@@ -49,7 +49,9 @@ WINDOW = 256
 BATCH, SEQ = 4, int(os.environ.get("BENCH_SEQ", 64))
 RATIO = 0.5
 PRUNE_EVERY = int(os.environ.get("BENCH_PRUNE_EVERY", 10))
-LR = 3e-4
+LR = float(os.environ.get("BENCH_LR", 3e-4))
+# a subset (e.g. BENCH_CRITERIA=loraprune BENCH_LR=1e-3 for an lr ablation) writes a JSON row, not the report
+CRITERIA = tuple(os.environ.get("BENCH_CRITERIA", "magnitude,grad,loraprune").split(","))
 THREADS = int(os.environ.get("BENCH_THREADS", 2))
 
 
@@ -239,14 +241,15 @@ def main() -> None:
     toks = eval_tokens(tok)
     data = alpaca_features(tok, STEPS * BATCH)
     dense = load_dense()
+    full = set(CRITERIA) == {"magnitude", "grad", "loraprune"}
     # memory first: it takes a minute and does not depend on the recovery runs
-    mem = {c: run_memory(c) for c in ("loraprune", "grad")}
+    mem = {c: run_memory(c) for c in ("loraprune", "grad")} if full else {}
     print("memory", mem, flush=True)
     results: dict[str, dict] = {"dense": {**ppl_all(dense, toks), "params": n_params(dense), "latency_s": latency(dense)}}
     print("dense", results["dense"], flush=True)
     del dense
     grid = None
-    for criterion in ("magnitude", "grad", "loraprune"):
+    for criterion in CRITERIA:
         t0 = time.time()
         model = load_dense()
         method, ctx, plan = prepare(model, criterion)
@@ -268,6 +271,12 @@ def main() -> None:
         results[criterion] = row
         print(criterion, row, flush=True)
         del pruned
+    if not full:
+        out = REPO / "benchmarks" / "results" / f"loraprune_ablation_lr{LR:g}_steps{STEPS}.json"
+        out.write_text(json.dumps({"lr": LR, "steps": STEPS, "batch": BATCH, "seq": SEQ, "prune_every": PRUNE_EVERY,
+                                   "windows": WINDOWS, "results": results}, indent=1, default=float) + "\n")
+        print(f"wrote {out}")
+        return
     write_report(results, mem, grid, load_start, os.getloadavg(), time.time() - started)
 
 
