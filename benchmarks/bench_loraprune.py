@@ -270,12 +270,14 @@ def main() -> None:
             row["latency_s"] = latency(pruned)
         results[criterion] = row
         print(criterion, row, flush=True)
+        if not full:  # written after every criterion: a long ablation keeps what it has finished
+            out = REPO / "benchmarks" / "results" / f"loraprune_ablation_lr{LR:g}_steps{STEPS}.json"
+            out.write_text(json.dumps({"lr": LR, "steps": STEPS, "batch": BATCH, "seq": SEQ,
+                                       "prune_every": PRUNE_EVERY, "windows": WINDOWS, "results": results},
+                                      indent=1, default=float) + "\n")
+            print(f"wrote {out}", flush=True)
         del pruned
     if not full:
-        out = REPO / "benchmarks" / "results" / f"loraprune_ablation_lr{LR:g}_steps{STEPS}.json"
-        out.write_text(json.dumps({"lr": LR, "steps": STEPS, "batch": BATCH, "seq": SEQ, "prune_every": PRUNE_EVERY,
-                                   "windows": WINDOWS, "results": results}, indent=1, default=float) + "\n")
-        print(f"wrote {out}")
         return
     write_report(results, mem, grid, load_start, os.getloadavg(), time.time() - started)
 
