@@ -301,8 +301,8 @@ def pareto_chart(df: pd.DataFrame, path: Path) -> None:
 @flow(name="lora-sieve-study", log_prints=True)
 def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
           lr_factors: list[float] | None = None, overrides: dict[str, Any] | None = None, repo: str = str(ROOT),
-          out_dir: str = "reports", retries: int = 2, command: str = "", append: str | None = None,
-          append_label: str | None = None) -> dict[str, Any]:
+          out_dir: str = "reports", retries: int = 2, command: str = "", append: str | None = None
+          ) -> dict[str, Any]:
     """Sweep, then seeds, for every (task, method); write ``<out_dir>/study.{md,csv}`` and the Pareto chart.
 
     ``append``: an earlier ``study.csv`` whose rows are kept, except those of the (task, method) pairs
@@ -375,8 +375,8 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
               f"Dev metric = the full dev split, never used for a choice. git {commit}, "
               f"{time.strftime('%Y-%m-%d')}.")
     if append:
-        header += (f" Rows of {', '.join(sorted({m for _, m in zip(df['task'], df['method'])} - {m for _, m in ran}))}"
-                   f" kept from `{append_label or append}` (column `git` of study.csv: the commit each row ran at); the rows of "
+        kept = sorted(set(df["method"]) - {m for _, m in ran})
+        header += (f" Rows of {', '.join(kept)} kept from `{append}` (column `git` of study.csv: the commit each row ran at); the rows of "
                    f"{', '.join(methods)} ran now.")
     files = [out / "study.md", out / "study.csv", out / "study_pareto.png"]
     with atomic_path(files[1]) as tmp:
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m flows.study " + " ".join(argv if argv is not None else sys.argv[1:])
     result = study(methods=args.methods, seeds=args.seeds, tasks=args.tasks, lr_factors=args.lr_factors,
                    overrides=overrides, repo=str(root), out_dir=args.out, command=command,
-                   append=str(Path(args.append).resolve()) if args.append else None, append_label=args.append)
+                   append=args.append)
     print("\n".join(result["files"]))
     return 0
 

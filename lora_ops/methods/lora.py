@@ -12,10 +12,11 @@ from lora_ops.methods.base import Method, MethodContext, register
 from lora_ops.targets import Target, inject
 
 
-def own_lora(linear: nn.Linear, ctx: MethodContext) -> LoRALinear:
+def own_lora(linear: nn.Linear, ctx: MethodContext, layer_cls: type[LoRALinear] = LoRALinear) -> LoRALinear:
+    """``linear`` with its own rank-``adapter.rank`` LoRA pair (``layer_cls``: a LoRALinear subclass)."""
     a = ctx.adapter
     pair = LoRAPair(linear.in_features, linear.out_features, a.rank)
-    return LoRALinear(linear, pair, lora_scale(a.alpha, a.rank, a.rslora), a.dropout)
+    return layer_cls(linear, pair, lora_scale(a.alpha, a.rank, a.rslora), a.dropout)
 
 
 @register

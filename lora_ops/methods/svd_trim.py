@@ -21,9 +21,10 @@ from pydantic import Field
 from torch import nn
 
 from lora_ops.adapters.base import AdapterLayer, adapter_layers
-from lora_ops.adapters.lora import LoRALinear, LoRAPair, lora_scale
+from lora_ops.adapters.lora import LoRALinear
 from lora_ops.lowrank import truncated_factors
 from lora_ops.methods.base import Method, MethodContext, register
+from lora_ops.methods.lora import own_lora
 from lora_ops.methods.recipe import MethodParams
 from lora_ops.targets import Target, inject
 from lora_ops.training.controller import Controller
@@ -90,16 +91,9 @@ class SvdTrim(Method):
 
     def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
               ) -> dict[str, AdapterLayer]:
-        a = ctx.adapter
         planned = plan["modules"]
-
-        def make(t: Target, lin: nn.Linear) -> TrimmableLoRALinear | None:
-            if t.name not in planned:
-                return None
-            pair = LoRAPair(lin.in_features, lin.out_features, a.rank)
-            return TrimmableLoRALinear(lin, pair, lora_scale(a.alpha, a.rank, a.rslora), a.dropout)
-
-        return inject(model, targets, make)
+        return inject(model, targets,
+                      lambda t, lin: own_lora(lin, ctx, TrimmableLoRALinear) if t.name in planned else None)
 
     def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> Controller:
         params: SvdTrimParams = ctx.params  # type: ignore[assignment]
