@@ -95,6 +95,18 @@ def test_output_criterion_never_worse_on_isotropic_inputs() -> None:
         assert err_out <= _output_error(delta, _dense_output_optimum(delta, x @ x.t(), k), x) + rounding
 
 
+def test_output_criterion_optimal_with_fewer_tokens_than_input_features() -> None:
+    """C = X Xᵀ singular (tokens < in): the spec's L⁻¹ route fails, the factor-space one still reaches
+    the Eckart-Young bound of ΔW X (no rank-k Ŵ can beat the truncated SVD of ΔW X)."""
+    a, b = _pair(6)
+    x = _inputs(7, tokens=12)  # 12 tokens < IN = 20 features, but > RANK, so G is definite
+    delta = SCALING * b @ a
+    out = decompose_output(a, b, SCALING, a @ x @ x.t() @ a.t(), ridge=0.0)
+    sigma = torch.linalg.svdvals(delta @ x)
+    for k in range(1, RANK):
+        assert _output_error(delta, out.update(k), x) ** 2 == pytest.approx(float((sigma[k:] ** 2).sum()), rel=1e-9)
+
+
 def test_component_energies_are_output_energies_and_whitened_rows_c_orthonormal() -> None:
     a, b = _pair()
     x = _inputs()
