@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 
+from stages.common.git_identity import commit_identity
 from stages.common.params import ConfigError, Params, load_params
 from stages.common.tracking import flatten, git_commit, params_hash, store_lock, tracking_uri
 from stages.common.workspace import origin_root
@@ -278,7 +279,9 @@ def save_experiment(repo: str, name: str) -> str | None:
     cmd = ["dvc", "exp", "save", "-f", "-n", name]
     for path in untracked:  # metrics.json, decision.json, plots: small uncached outputs
         cmd += ["-I", path]
-    proc = subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True)
+    identity = commit_identity(root, _env())  # a machine without a git identity still saves the run
+    logger.info(identity.describe())
+    proc = subprocess.run(cmd, cwd=root, env=_env(identity.env), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"dvc exp save failed: {_error_line(proc.stdout + proc.stderr)}")
     logger.info("saved as DVC experiment %r (dvc exp show / dvc exp apply %s)", name, name)

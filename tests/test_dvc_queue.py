@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import SHARED_DATA, run, scratch_repo
+from helpers import SHARED_DATA, USER_IDENTITY, run, scratch_repo
 
 
 def _named(tree, names: set[str], found: dict) -> None:
@@ -34,9 +34,9 @@ def test_queued_experiments_run_two_at_a_time_with_the_relative_mirror(tmp_path:
                                            "data.dev_size": 48, "train.epochs": 1})
     names = {"q-seed1", "q-seed2"}
     for name in sorted(names):
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"seed={name[-1]}"], repo)
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"seed={name[-1]}"], repo, extra_env=USER_IDENTITY)
     try:
-        run(["dvc", "queue", "start", "-j", "2"], repo)
+        run(["dvc", "queue", "start", "-j", "2"], repo, extra_env=USER_IDENTITY)
         deadline, status = time.time() + 1500, ""
         while time.time() < deadline:
             status = run(["dvc", "queue", "status"], repo).stdout

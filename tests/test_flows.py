@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from helpers import run, scratch_repo
+from helpers import no_git_identity, run, scratch_repo
 from services import FlakyProxy, mlflow_server, prefect_server, service_env
 
 from flows.compare import compare
@@ -65,9 +65,10 @@ def client(services):
 def first(services):
     repo = scratch_repo(services.base / "repo")
     t0 = time.monotonic()
-    result = pipeline(overrides={"method.name": "lora_drop"}, repo=str(repo))
+    with no_git_identity(services.base / "empty-home"):  # as on a machine where git was never configured
+        state = pipeline(overrides={"method.name": "lora_drop"}, repo=str(repo), return_state=True)
     print(f"first flow run: {time.monotonic() - t0:.0f}s")
-    return SimpleNamespace(repo=repo, result=result)
+    return SimpleNamespace(repo=repo, result=state.result(), state=state)
 
 
 def latest_pipeline_run(client):
@@ -114,6 +115,12 @@ def test_flow_run_tracks_registers_and_saves_an_experiment(first, client):
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     exps = {r["name"]: r["data"] for e in shown for x in (e.get("experiments") or []) for r in x["revs"]}
     assert exps[res["experiment"]]["metrics"]["data/evaluate/metrics.json"]["data"]["score"] == res["metrics"]["score"]
+    # ... saved although no git identity existed anywhere: lora-sieve's, given to that commit only, and said so
+    committers = run(["git", "for-each-ref", "refs/exps", "--format=%(committername) %(committeremail)"],
+                     repo).stdout.split("\n")
+    assert "lora-sieve <lora-sieve@localhost>" in committers, committers
+    assert "experiment commit by lora-sieve <lora-sieve@localhost>: no git identity" in flow_logs(first.state)
+    assert run(["git", "config", "--local", "--get-regexp", "^user\\."], repo, check=False).stdout == ""
     # MLflow: the flow's parent run with one finished child per stage
     parent, children = latest_pipeline_run(client)
     assert parent.info.run_id == res["mlflow_run_id"] and parent.info.status == "FINISHED"
