@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,18 @@ from prefect import flow, get_run_logger
 
 from flows.compare import _fmt, _fmt_int, _log_mlflow
 from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, validate_overrides
+from lora_ops.methods import get_method
+from lora_ops.methods.base import method_class, reference_method
 from stages.common.io import atomic_path
 from stages.common.params import ConfigError, Params
 from stages.common.tracking import git_commit
 
-COLUMNS = ["task", "method", "seed", "lr", "lr_factor", "selected", "metric", "score", "validation_score",
-           "trivial_score", "trainable_params", "stored_params", "pct_of_lora", "bops_ratio_adapter",
-           "gates_closed", "train_seconds", "peak_rss_mb", "peak_cuda_mb", "trained", "experiment", "mlflow_run_id",
-           "git"]
+#: what every run has; a method's own figures (Method.figure_labels) are the other columns
+RUN_COLUMNS = ["task", "method", "seed", "lr", "lr_factor", "selected", "metric", "score", "validation_score",
+               "trivial_score", "trainable_params", "stored_params", "pct_of_lora", "train_seconds", "peak_rss_mb",
+               "peak_cuda_mb", "trained", "experiment", "mlflow_run_id", "git"]
+#: study.csv's layout: the figure columns every earlier study.csv has, where they have always been (--append)
+COLUMNS = RUN_COLUMNS[:13] + ["bops_ratio_adapter", "gates_closed"] + RUN_COLUMNS[13:]
 
 
 def recipe_lr(params: Params) -> float:
@@ -73,29 +78,35 @@ def scaled(lr: float, factor: float) -> float:
     return float(f"{lr * factor:.3g}")
 
 
-def closed_gates(method: str, controller: dict[str, Any] | None, bits: list[int] | None) -> int | None:
-    """Bayesian-LoRA: rank gates closed plus bit-width levels dropped, summed over modules."""
-    if method != "blora" or not controller or not bits:
-        return None
-    closed = 0
-    for row in controller.get("modules", []):
-        closed += int(row["max_rank"]) - int(row["rank"])
-        closed += sum(len(bits) - 1 - bits.index(int(v)) for k, v in row.items() if k.startswith("bits_"))
-    return closed
+def figure_labels(methods: Iterable[str]) -> dict[str, str]:
+    """column -> report header of the figures the given methods (study labels) declare, in their order."""
+    out: dict[str, str] = {}
+    for label in methods:
+        cls = method_class(str(label))
+        for column, header in (cls.figure_labels if cls is not None else {}).items():
+            out.setdefault(column, header)
+    return out
+
+
+def columns_of(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """study.csv's columns for these rows: :data:`COLUMNS`, then any further figure a method reports."""
+    extra = dict.fromkeys(k for r in rows for k in r if k not in COLUMNS)
+    return COLUMNS + list(extra)
 
 
 def study_row(result: dict[str, Any], params: Params, lr: float, factor: float, label: str | None = None
               ) -> dict[str, Any]:
     m, ft = result["metrics"], result.get("finetune") or {}
     ratio = m.get("trainable_ratio_to_lora")
-    bits = list(params.method_params().bits) if params.method.name == "blora" else None  # type: ignore[attr-defined]
+    method = get_method(params.method.name)
+    own = method.report_figures(ft.get("controller"), params.method_params())
+    figures = {k: own[k] if k in own else m.get(k) for k in method.figure_labels}
     return {
         "task": params.task.name, "method": label or params.method.name, "seed": params.seed, "lr": lr, "lr_factor": factor,
         "selected": False, "metric": m.get("main_metric", "score"), "score": m.get("score"),
         "validation_score": m.get("best_validation"), "trivial_score": m.get("trivial_score"),
         "trainable_params": m.get("trainable_params"), "stored_params": m.get("stored_params"),
-        "pct_of_lora": None if ratio is None else 100 * ratio, "bops_ratio_adapter": m.get("bops_ratio_adapter"),
-        "gates_closed": closed_gates(params.method.name, ft.get("controller"), bits),
+        "pct_of_lora": None if ratio is None else 100 * ratio, **figures,
         "train_seconds": m.get("train_seconds", ft.get("seconds")), "peak_rss_mb": ft.get("peak_rss_mb"),
         "peak_cuda_mb": ft.get("peak_cuda_mb"), "trained": result.get("stages", {}).get("finetune") == "ran",
         "experiment": result.get("experiment"),
@@ -109,7 +120,8 @@ def with_earlier_rows(df: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
         earlier = earlier.assign(git=None)
     ran = set(zip(df["task"], df["method"]))
     keep = earlier[[(t, m) not in ran for t, m in zip(earlier["task"], earlier["method"])]]
-    out = pd.concat([keep.reindex(columns=COLUMNS), df.reindex(columns=COLUMNS)], ignore_index=True)
+    columns = list(dict.fromkeys([*COLUMNS, *earlier.columns, *df.columns]))
+    out = pd.concat([keep.reindex(columns=columns), df.reindex(columns=columns)], ignore_index=True)
     out["selected"] = out["selected"].astype(str).str.lower().isin(["true", "1"])
     return out
 
@@ -131,6 +143,7 @@ def choose_factor(sweep: list[dict[str, Any]]) -> float:
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of the selected runs, per task and method (in study order)."""
     sel = df[df["selected"]]
+    figures = [c for c in df.columns if c not in RUN_COLUMNS]
     rows = []
     for (task, method), g in sel.groupby(["task", "method"], sort=False):
         score = g["score"].astype(float)
@@ -143,8 +156,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
             "stored_mean": g["stored_params"].astype(float).mean(),
             "stored_std": g["stored_params"].astype(float).std(ddof=1) if len(g) > 1 else 0.0,
             "pct_of_lora": g["pct_of_lora"].astype(float).mean(),
-            "bops_ratio_adapter": g["bops_ratio_adapter"].astype(float).mean(),
-            "gates_closed": g["gates_closed"].astype(float).mean(),
+            **{c: g[c].astype(float).mean() for c in figures},
             "train_seconds": g["train_seconds"].astype(float).mean(),
             "peak_rss_mb": g["peak_rss_mb"].astype(float).mean(),
         })
@@ -152,51 +164,29 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def targets(s: pd.DataFrame) -> list[tuple[str, str, str]]:
-    """The papers' trends (ISSUES: the study issue), checked on the means: (target, measured, verdict)."""
+    """The papers' trends, each declared by its method (Method.paper_targets), checked on the means against
+    the reference method: (target, measured, verdict)."""
+    reference = reference_method()
     out: list[tuple[str, str, str]] = []
     for task, g in s.groupby("task", sort=False):
         by: dict[str, Any] = {}
         for _, r in g.iterrows():  # a method's first row (plain, or its first variant) stands for it
             by.setdefault(str(r["method"]).split("[", 1)[0], r)
-        lora = by.get("lora")
-        if lora is None:
+        if reference not in by:
             continue
-
-        def gap(name: str, by: dict = by, lora: Any = lora) -> float:
-            return 100 * (by[name]["score_mean"] - lora["score_mean"])  # points on a 0-100 scale
-
-        def verdict(ok: bool) -> str:
-            return "met" if ok else "**not met**"
-
-        if "lora_drop" in by:
-            share = by["lora_drop"]["stored_mean"] / lora["stored_mean"]
-            out.append((f"{task}: {by['lora_drop']['method']} <= 60 % of LoRA's stored params, within 1 pt",
-                        f"{100 * share:.1f} %, {gap('lora_drop'):+.2f} pt", verdict(share <= 0.6 and gap("lora_drop") >= -1)))
-        if "bone" in by:
-            out.append((f"{task}: bone within 1 pt of lora (equal params)", f"{gap('bone'):+.2f} pt",
-                        verdict(gap("bone") >= -1)))
-        if "bat" in by and "bone" in by:
-            d = 100 * (by["bat"]["score_mean"] - by["bone"]["score_mean"])
-            out.append((f"{task}: bat >= bone", f"{d:+.2f} pt", verdict(d >= 0)))
-        if "dora_dr" in by:
-            out.append((f"{task}: dora_dr within 0.5 pt of lora", f"{gap('dora_dr'):+.2f} pt",
-                        verdict(gap("dora_dr") >= -0.5)))
-            if "adalora" in by:
-                d = 100 * (by["dora_dr"]["score_mean"] - by["adalora"]["score_mean"])
-                out.append((f"{task}: dora_dr >= adalora", f"{d:+.2f} pt", verdict(d >= 0)))
-        if "adalora" in by:
-            out.append((f"{task}: adalora within 2 pt of lora", f"{gap('adalora'):+.2f} pt",
-                        verdict(gap("adalora") >= -2)))
-        if "blora" in by:
-            b = by["blora"]
-            ratio, closed = b["bops_ratio_adapter"], b["gates_closed"]
-            ok = gap("blora") >= -1 and ratio <= 0.5 and closed > 0
-            out.append((f"{task}: blora within 1 pt at <= 0.5x a 16-bit LoRA's adapter BOPs, gates closed",
-                        f"{gap('blora'):+.2f} pt, {ratio:.3f}x BOPs, {closed:.0f} gates closed", verdict(ok)))
+        for name in by:
+            cls = method_class(name)
+            if cls is None:
+                continue
+            for what, measured, met in cls().paper_targets(str(task), by, by[reference]):
+                out.append((what, measured, "met" if met else "**not met**"))
     return out
 
 
-PEERS = ("eva", "svd_trim")
+def is_peer(label: str) -> bool:
+    """A peer baseline (PEFT's own alternatives, Method.study_peer): compared against, not compared."""
+    cls = method_class(label)
+    return cls is not None and cls.study_peer
 
 
 def peer_rows(s: pd.DataFrame) -> list[tuple[str, ...]]:
@@ -205,9 +195,9 @@ def peer_rows(s: pd.DataFrame) -> list[tuple[str, ...]]:
     out: list[tuple[str, ...]] = []
     for task, g in s.groupby("task", sort=False):
         rows = {str(r["method"]): r for _, r in g.iterrows()}
-        peers = [p for p in rows if p.split("[", 1)[0] in PEERS]
+        peers = [p for p in rows if is_peer(p)]
         for name, r in rows.items():
-            if name.split("[", 1)[0] in PEERS:
+            if is_peer(name):
                 continue
             for peer in peers:
                 q = rows[peer]
@@ -223,14 +213,21 @@ def peer_rows(s: pd.DataFrame) -> list[tuple[str, ...]]:
     return out
 
 
+def fmt_figure(v: Any) -> str:
+    """A method's figure in the report: counts as integers, ratios to three decimals."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return _fmt_int(v) if float(v) == int(v) or abs(float(v)) >= 10 else _fmt(v, 3)
+
+
 def markdown(df: pd.DataFrame, header: str, command: str) -> str:
     s = summary(df)
-    lines = [header, "", f"Command: `{command}`", "",
-             "| task | method | metric | dev (mean ± std) | n | lr | validation | stored params (mean ± std) "
-             "| stored % of LoRA | trainable % of LoRA | adapter BOPs vs 16-bit LoRA | gates closed | train s "
-             "| peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lora_stored = {t: float(g["stored_mean"].iloc[0]) for t, g in s[s["method"] == "lora"].groupby("task")}
+    figures = {c: h for c, h in figure_labels(s["method"]).items() if c in s.columns}
+    head = ["task", "method", "metric", "dev (mean ± std)", "n", "lr", "validation", "stored params (mean ± std)",
+            "stored % of LoRA", "trainable % of LoRA", *figures.values(), "train s", "peak RSS MB"]
+    lines = [header, "", f"Command: `{command}`", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    reference = s[s["method"] == reference_method()]
+    lora_stored = {t: float(g["stored_mean"].iloc[0]) for t, g in reference.groupby("task")}
     for _, r in s.iterrows():
         stored = _fmt_int(r["stored_mean"]) + (f" ± {_fmt_int(r['stored_std'])}" if r["stored_std"] else "")
         lines.append("| " + " | ".join([
@@ -238,7 +235,7 @@ def markdown(df: pd.DataFrame, header: str, command: str) -> str:
             f"{r['lr']:.1e}", _fmt(r["validation_mean"], 4), stored,
             _fmt(100 * r["stored_mean"] / lora_stored[r["task"]] if r["task"] in lora_stored else None),
             _fmt(r["pct_of_lora"]),
-            _fmt(r["bops_ratio_adapter"], 3), _fmt_int(r["gates_closed"]), _fmt(r["train_seconds"]),
+            *(fmt_figure(r[c]) for c in figures), _fmt(r["train_seconds"]),
             _fmt(r["peak_rss_mb"], 0)]) + " |")
     lines += ["", "Learning-rate sweep (first seed; chosen on the validation split, dev shown for reference):", "",
               "| task | method | lr factor | lr | validation | dev | chosen |", "|---|---|---|---|---|---|---|"]
@@ -362,7 +359,7 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     commit = git_commit(root)[:12]
     for r in rows:
         r["git"] = commit
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=columns_of(rows))
     ran = set(zip(df["task"], df["method"]))
     if append:
         df = with_earlier_rows(df, pd.read_csv(append))

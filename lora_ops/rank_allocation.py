@@ -8,6 +8,7 @@ base that owns the frozen keep-mask, the prune log and the checkpointable state.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -114,7 +115,7 @@ class RankAllocationController(Controller):
 
     method = "rank_allocation"
 
-    def __init__(self, layers: dict[str, GatedLoRALinear], target_rank: int, params: BaseModel) -> None:
+    def __init__(self, layers: Mapping[str, GatedLoRALinear], target_rank: int, params: BaseModel) -> None:
         if not layers:
             raise ValueError(f"{self.method}: the model carries no {self.method} adapter layers (build first)")
         ranks = {layer.rank for layer in layers.values()}

@@ -8,7 +8,6 @@ import pytest
 from flows.study import (
     COLUMNS,
     choose_factor,
-    closed_gates,
     markdown,
     pareto_chart,
     parse_variant,
@@ -17,6 +16,8 @@ from flows.study import (
     targets,
     with_earlier_rows,
 )
+from lora_ops.methods import get_method
+from lora_ops.methods.blora import BLoRAParams
 from stages.common.params import ConfigError
 
 
@@ -42,8 +43,9 @@ def test_closed_gates_counts_rank_and_bit_levels():
     ctl = {"modules": [{"rank": 6, "max_rank": 8, "bits_A": 8, "bits_B": 32},
                        {"rank": 8, "max_rank": 8, "bits_A": 32, "bits_B": 2}]}
     # 2 rank gates + 8-bit (2 levels below 32) + 2-bit (4 levels)
-    assert closed_gates("blora", ctl, [2, 4, 8, 16, 32]) == 2 + 2 + 4
-    assert closed_gates("lora", ctl, None) is None
+    figures = get_method("blora").report_figures(ctl, BLoRAParams(bits=[2, 4, 8, 16, 32]))
+    assert figures == {"gates_closed": 2 + 2 + 4}
+    assert get_method("lora").report_figures(ctl, get_method("lora").params_model()) == {}
 
 
 def test_summary_targets_report_and_chart(tmp_path):

@@ -12,6 +12,7 @@ Unlike PEFT, the training loop calls the allocation itself: it cannot be forgott
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,9 +21,9 @@ from torch import nn
 
 from lora_ops import distributed as dist
 from lora_ops.adapters.adalora import AdaLoRALinear
-from lora_ops.methods.allocation import RankAllocationMethod
-from lora_ops.methods.base import MethodContext, register
-from lora_ops.methods.recipe import MethodParams, Recipe
+from lora_ops.methods.allocation import AllocationParams, RankAllocationMethod
+from lora_ops.methods.base import MethodContext, PaperTarget, points_gap, register
+from lora_ops.methods.recipe import Recipe
 from lora_ops.rank_allocation import (
     RankAllocationController,
     StepSpec,
@@ -32,7 +33,7 @@ from lora_ops.rank_allocation import (
 )
 
 
-class AdaLoRAParams(MethodParams):
+class AdaLoRAParams(AllocationParams):
     """``params[adalora]``. Steps: a float in [0, 1] is a fraction of the run, an int a step count."""
 
     initial_rank_factor: float = Field(1.5, gt=0.0, description="r0 = ceil(factor * adapter.rank) (PEFT 12 -> 8)")
@@ -76,7 +77,7 @@ class AdaLoRAController(RankAllocationController):
     params: AdaLoRAParams
 
     def __init__(self, layers: dict[str, AdaLoRALinear], target_rank: int, params: AdaLoRAParams) -> None:
-        super().__init__(layers, target_rank, params)  # type: ignore[arg-type]
+        super().__init__(layers, target_rank, params)
         # flat parameter list [A_1, B_1, E_1, A_2, ...] so the per-entry EMAs are _foreach ops
         self.tensors = [t for layer in self.layers for t in (layer.A, layer.B, layer.gate)]
         self.ipt: list[torch.Tensor] | None = [torch.zeros_like(t) for t in self.tensors]
@@ -196,12 +197,17 @@ class AdaLoRAController(RankAllocationController):
 
 
 @register
-class AdaLoRA(RankAllocationMethod):
+class AdaLoRA(RankAllocationMethod[AdaLoRAParams]):
     name = "adalora"
     description = "AdaLoRA: SVD-shaped triplets, sensitivity x uncertainty scores, global cubic budget"
     params_model = AdaLoRAParams
     layer_cls = AdaLoRALinear
 
-    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> AdaLoRAController:
+    def paper_targets(self, task: str, rows: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any]
+                      ) -> list[PaperTarget]:
+        gap = points_gap(rows[self.name], reference)
+        return [(f"{task}: adalora within 2 pt of lora", f"{gap:+.2f} pt", gap >= -2)]
+
+    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[AdaLoRAParams]) -> AdaLoRAController:
         _, rt = self.ranks(ctx)
-        return AdaLoRAController(self.allocation_layers(model), rt, ctx.params)  # type: ignore[arg-type]
+        return AdaLoRAController(self.allocation_layers(model), rt, ctx.params)

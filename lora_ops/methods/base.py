@@ -11,14 +11,25 @@ A method is one class with the pipeline's verbs:
 ``export_peft``  PEFT-format config and tensors
 =============  =================================================================
 
+and what the rest of the project must know about it, so that nothing outside ``lora_ops/methods``
+branches on a method's id:
+
+=================  =============================================================
+``check_shapes``   settings impossible on the model's shapes (rank > width...)
+``report_figures`` method-specific figures of a run (gates closed...) and ``figure_labels``
+``paper_targets``  the trends its paper reports, checked on a study's means
+``reference``      the study's baseline (plain LoRA); ``study_peer``: a peer baseline
+=================  =============================================================
+
 Methods register themselves with :func:`register`; the stages look them up by id with
 :func:`get_method`. Adding a method never edits a central if-chain.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -45,31 +56,48 @@ class AdapterConfig(BaseModel):
 
 
 NoParams = MethodParams  # a method with no settings of its own still has a recipe
+#: the type of a method's own params section (its ``params_model``)
+P = TypeVar("P", bound=MethodParams)
 
 
 class MissingDependency(ImportError):
     """An optional dependency of one method is not installed (the message says how to install it)."""
 
 
+class ShapeMismatch(ValueError):
+    """Settings that are valid types but impossible on the model's shapes; ``key`` is the params key to change."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+#: one paper target checked in a study: (what, measured, met)
+PaperTarget = tuple[str, str, bool]
+
+
 @dataclass
-class MethodContext:
+class MethodContext(Generic[P]):
     """Everything a method verb may need beyond the model: validated settings and the seed."""
 
     adapter: AdapterConfig
-    params: BaseModel
+    params: P
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 32
 
 
-class Method:
-    """Base class with the defaults of a method that has a fixed structure (plain LoRA-like)."""
+class Method(Generic[P]):
+    """Base class with the defaults of a method that has a fixed structure (plain LoRA-like).
+
+    Generic in its params type: ``class LoRADrop(Method[LoRADropParams])`` sees ``ctx.params`` typed."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     #: pydantic model of the method's own section in params.yaml (``params[<name>]``)
-    params_model: ClassVar[type[BaseModel]] = NoParams
+    params_model: ClassVar[type[MethodParams]] = NoParams
     #: optimiser groups the method's layers create (see AdapterLayer.parameter_group); a recipe may
     #: give each its own learning rate. "head" is everything trainable outside the adapters.
     parameter_groups: ClassVar[tuple[str, ...]] = ("adapter", "head")
@@ -80,36 +108,47 @@ class Method:
     stage_settings: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: why the merge stage writes no PEFT adapter for this method ("" = it writes one)
     no_peft_export_reason: ClassVar[str] = ""
+    #: the study's baseline: "% of LoRA" and the other methods' paper targets are measured against it
+    reference: ClassVar[bool] = False
+    #: a peer baseline (PEFT's own alternatives): the study compares every other method against it
+    study_peer: ClassVar[bool] = False
+    #: figures this method adds to a study's rows and report: column -> header in the report's table.
+    #: A figure comes from :meth:`report_figures` or, failing that, from the run's metrics.json.
+    figure_labels: ClassVar[dict[str, str]] = {}
 
     def check_environment(self) -> None:
         """Raise :class:`MissingDependency` (one line: what to install) when an optional dependency this
         method needs is absent. Called when params are loaded, so a run fails before any stage works."""
 
+    def check_shapes(self, model: nn.Module, targets: list[Target], ctx: MethodContext[P]) -> None:
+        """Raise :class:`ShapeMismatch` when the settings cannot work on these targets' shapes (a rank above
+        a module's width...). ``model`` may be a shapes-only skeleton on the ``meta`` device. Default: none."""
+
     # ---------------------------------------------------------------- stages
     def calibrate(
-        self, model: nn.Module, targets: list[Target], sample: BatchSource, ctx: MethodContext
+        self, model: nn.Module, targets: list[Target], sample: BatchSource, ctx: MethodContext[P]
     ) -> list[dict[str, Any]]:
         """Rows of calibration measurements (one per module, typically). Default: none needed.
 
         ``model`` must be left as it was given (no adapters, same trainable flags)."""
         return []
 
-    def score(self, rows: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> list[dict[str, Any]]:
+    def score(self, rows: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[P]) -> list[dict[str, Any]]:
         """Per-module importance rows. Default: none (fixed structure)."""
         return []
 
-    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
+    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[P]) -> dict[str, Any]:
         """The plan. Default: every target gets its own adapter."""
         return {
             "method": self.name,
             "modules": {t.name: {"group": t.group, "role": t.role, "layer": t.layer, "mode": "own"} for t in targets},
         }
 
-    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
+    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext[P]
               ) -> dict[str, AdapterLayer]:
         raise NotImplementedError(f"method {self.name!r} does not implement build()")
 
-    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> Controller:
+    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[P]) -> Controller:
         return Controller()
 
     # ------------------------------------------------------------ accounting
@@ -129,26 +168,40 @@ class Method:
         return {"trainable": trainable, "active": active, "stored": trainable}
 
     # ---------------------------------------------------------------- export
-    def merged_model(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> nn.Module:
+    def merged_model(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[P]) -> nn.Module:
         """A plain model with the adapters folded in (LoRAPrune also slices pruned structure here)."""
         return unload(model, merge=True)
 
-    def export_merged(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> nn.Module:
+    def export_merged(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[P]) -> nn.Module:
         """The model to save as a plain HF folder (``save_pretrained``); may restructure it in place."""
         return self.merged_model(model, plan, ctx)
 
-    def extra_exports(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext
+    def extra_exports(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[P]
                       ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
         """Method-specific deployable forms written by the merge stage: name -> (tensors, JSON metadata)."""
         return {}
 
-    def evaluation_extras(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext,
+    def evaluation_extras(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[P],
                           batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Method-specific metrics measured on the trained, unmerged model (e.g. BOPs, export gaps)."""
         return {}
 
-    def export_peft(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> PeftExport:
+    def export_peft(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[P]) -> PeftExport:
         return export_lora_family(model)
+
+    # ----------------------------------------------------------------- study
+    def report_figures(self, controller_summary: Mapping[str, Any] | None, params: P
+                       ) -> dict[str, float | None]:
+        """Figures of one finished run that only the method knows how to read (keys of
+        :attr:`figure_labels`), from its controller's summary in finetune's summary.json. Default: none."""
+        return {}
+
+    def paper_targets(self, task: str, rows: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any]
+                      ) -> list[PaperTarget]:
+        """The trends the method's paper reports, checked on a study's means for ``task``: ``rows`` maps each
+        method present (by id) to its mean row (``method`` label, ``score_mean``, ``stored_mean``, figures),
+        ``reference`` is the reference method's row. Each target: (what, measured, met). Default: none."""
+        return []
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -162,8 +215,49 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def unregister(name: str) -> None:
+    """Forget a method (a test's toy method, once the test is done)."""
+    _REGISTRY.pop(name, None)
+
+
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method] | None:
+    """The registered class of ``name`` (a study label such as ``lora_drop[threshold=0.6]`` counts as its
+    method), or None when no such method is registered."""
+    return _REGISTRY.get(name.split("[", 1)[0])
+
+
+def reference_method() -> str | None:
+    """The id of the study's reference method (plain LoRA), None when none is registered."""
+    return next((name for name, cls in _REGISTRY.items() if cls.reference), None)
+
+
+def points_gap(row: Mapping[str, Any], reference: Mapping[str, Any]) -> float:
+    """``row``'s mean score minus the reference's, in points on a 0-100 scale."""
+    return 100 * (float(row["score_mean"]) - float(reference["score_mean"]))
+
+
+def narrowest_targets(targets: list[Target]) -> tuple[int, list[Target]]:
+    """The smallest ``min(in, out)`` over the targets and the targets that have it."""
+    narrowest = min(min(t.in_features, t.out_features) for t in targets)
+    return narrowest, [t for t in targets if min(t.in_features, t.out_features) == narrowest]
+
+
+def shape_examples(targets: list[Target]) -> str:
+    return ", ".join(f"{t.name} ({t.out_features}x{t.in_features})" for t in targets[:2])
+
+
+def check_rank_fits(rank: int, targets: list[Target]) -> None:
+    """A LoRA-family rank above ``min(in, out)`` of a target adds parameters but no expressiveness
+    (PEFT refuses it too): :class:`ShapeMismatch` on ``adapter.rank``."""
+    narrowest, tight = narrowest_targets(targets)
+    if rank > narrowest:
+        raise ShapeMismatch("adapter.rank", f"{rank} is above min(in, out) = {narrowest} of {len(tight)} target "
+                                            f"module(s), e.g. {shape_examples(tight)}: choose adapter.rank <= "
+                                            f"{narrowest}")
 
 
 def get_method(name: str) -> Method:

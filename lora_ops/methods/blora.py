@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -36,7 +36,7 @@ from lora_ops.adapters.blora import (
 )
 from lora_ops.adapters.lora import lora_scale
 from lora_ops.data import BatchSource
-from lora_ops.methods.base import Method, MethodContext, register
+from lora_ops.methods.base import Method, MethodContext, PaperTarget, check_rank_fits, points_gap, register
 from lora_ops.methods.recipe import MethodParams, Recipe
 from lora_ops.quant import validate_bits
 from lora_ops.targets import Target, inject, unload
@@ -90,14 +90,25 @@ def _module_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
 
 
-def make_blora(target: Target, linear: nn.Linear, ctx: MethodContext) -> BLoRALinear:
-    p: BLoRAParams = ctx.params  # type: ignore[assignment]
+def make_blora(target: Target, linear: nn.Linear, ctx: MethodContext[BLoRAParams]) -> BLoRALinear:
+    p = ctx.params
     a = ctx.adapter
     return BLoRALinear(
         linear, a.rank, lora_scale(a.alpha, a.rank, a.rslora), a.dropout, bits=p.bits, gate_init=p.gate_init,
         rank_gate_init=p.rank_gate_init, quantize_base=p.quantize_base, learn_ranges=p.learn_ranges,
         init_std=p.init_std, generator=_module_generator(ctx.seed, target.name),
     )
+
+
+def closed_gates(controller_summary: Mapping[str, Any] | None, bits: list[int]) -> int | None:
+    """Rank gates closed plus bit-width levels dropped, summed over modules (None: no summary)."""
+    if not controller_summary or not bits:
+        return None
+    closed = 0
+    for row in controller_summary.get("modules", []):
+        closed += int(row["max_rank"]) - int(row["rank"])
+        closed += sum(len(bits) - 1 - bits.index(int(v)) for k, v in row.items() if k.startswith("bits_"))
+    return closed
 
 
 class BLoRAController(Controller):
@@ -164,15 +175,19 @@ class BLoRAController(Controller):
 
 
 @register
-class BLoRA(Method):
+class BLoRA(Method[BLoRAParams]):
     name = "blora"
     description = "Bayesian-LoRA: SVD-form LoRA with hard-concrete rank and bit-width gates, BOPs accounting"
     params_model = BLoRAParams
     parameter_groups = ("adapter", "gates", "ranges", "head")  # gates: bit and rank log-alphas
     needs_calibration = True
+    figure_labels = {"bops_ratio_adapter": "adapter BOPs vs 16-bit LoRA", "gates_closed": "gates closed"}
+
+    def check_shapes(self, model: nn.Module, targets: list[Target], ctx: MethodContext[BLoRAParams]) -> None:
+        check_rank_fits(ctx.adapter.rank, targets)
 
     def calibrate(self, model: nn.Module, targets: list[Target], sample: BatchSource,
-                  ctx: MethodContext) -> list[dict[str, Any]]:
+                  ctx: MethodContext[BLoRAParams]) -> list[dict[str, Any]]:
         """Min/max of every quantizer's input over the whole sample (not just the first batch)."""
         trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
         was_training = model.training
@@ -196,7 +211,7 @@ class BLoRA(Method):
         return [{"module": n, "group": by_name[n].group, "role": by_name[n].role, "layer": by_name[n].layer,
                  "ranges": ranges[n], "batches": batches} for n in layers]
 
-    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
+    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[BLoRAParams]) -> dict[str, Any]:
         plan = super().decide(scores, targets, ctx)
         plan["params"] = ctx.params.model_dump()
         plan["seed"] = ctx.seed
@@ -207,11 +222,11 @@ class BLoRA(Method):
         plan["range_source"] = "calibration" if ranges else "first tensor seen"
         return plan
 
-    def score(self, rows: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> list[dict[str, Any]]:
+    def score(self, rows: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[BLoRAParams]) -> list[dict[str, Any]]:
         # no importance score: the calibration rows (ranges) pass through to decide()
         return list(rows)
 
-    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
+    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext[BLoRAParams]
               ) -> dict[str, AdapterLayer]:
         modules = plan["modules"]
 
@@ -226,26 +241,39 @@ class BLoRA(Method):
 
         return inject(model, targets, make)
 
-    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> Controller:
-        return BLoRAController(model, ctx.params)  # type: ignore[arg-type]
+    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[BLoRAParams]) -> Controller:
+        return BLoRAController(model, ctx.params)
 
     def parameter_counts(self, model: nn.Module) -> dict[str, int]:
         counts = super().parameter_counts(model)
         counts["stored"] = counts["active"]  # r_eff (in + out + 1) per module; scales and ranges not counted
         return counts
 
-    def extra_exports(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext
+    def extra_exports(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[BLoRAParams]
                       ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
         return {"quantized": self.export_quantized(model)}
 
-    def evaluation_extras(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext,
+    def evaluation_extras(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[BLoRAParams],
                           batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        p: BLoRAParams = ctx.params  # type: ignore[assignment]
+        p = ctx.params
         gap = self.float_export_gap(model, batches, ctx.device)
         bops = bops_report(model, p.activation_bits_assumed, p.weight_bits_assumed, p.baseline_bits)
         out = {f"float_export_{k}": float(v) for k, v in gap.items() if isinstance(v, (int, float))}
         out.update({f"bops_{k}": float(v) for k, v in bops.items() if isinstance(v, (int, float))})
         return out
+
+    # ----------------------------------------------------------------- study
+    def report_figures(self, controller_summary: Mapping[str, Any] | None, params: BLoRAParams
+                       ) -> dict[str, float | None]:
+        return {"gates_closed": closed_gates(controller_summary, list(params.bits))}
+
+    def paper_targets(self, task: str, rows: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any]
+                      ) -> list[PaperTarget]:
+        me = rows[self.name]
+        gap, ratio, closed = points_gap(me, reference), me["bops_ratio_adapter"], me["gates_closed"]
+        return [(f"{task}: blora within 1 pt at <= 0.5x a 16-bit LoRA's adapter BOPs, gates closed",
+                 f"{gap:+.2f} pt, {ratio:.3f}x BOPs, {closed:.0f} gates closed",
+                 bool(gap >= -1 and ratio <= 0.5 and closed > 0))]
 
     # ----------------------------------------------------- blora-only verbs
     def export_quantized(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -7,7 +7,8 @@ any training starts. Export writes PEFT's MiSS format (``miss_block`` per module
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from pydantic import Field
@@ -16,7 +17,15 @@ from torch import nn
 from lora_ops.adapters.base import AdapterLayer, adapter_layers
 from lora_ops.adapters.bone import BatLinear, BoneLinear
 from lora_ops.export import PREFIX
-from lora_ops.methods.base import Method, MethodContext, PeftExport, register
+from lora_ops.methods.base import (
+    Method,
+    MethodContext,
+    PaperTarget,
+    PeftExport,
+    ShapeMismatch,
+    points_gap,
+    register,
+)
 from lora_ops.methods.recipe import MethodParams, Recipe
 from lora_ops.targets import Target, inject
 
@@ -38,26 +47,35 @@ class BatParams(MethodParams):
     recipe: Recipe = Field(default_factory=lambda: Recipe(lr=2e-4))  # as Bone (same step-size argument)
 
 
-class _BlockMethod(Method):
+B = TypeVar("B", BoneParams, BatParams)
+
+
+class _BlockMethod(Method[B]):
     """Shared plumbing of Bone and Bat: fixed plan, one block per target, MiSS export."""
 
     peft_init_weights: ClassVar[bool | str]
 
-    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
+    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[B]) -> dict[str, Any]:
         plan = super().decide(scores, targets, ctx)
-        plan["block_size"] = ctx.params.block_size  # type: ignore[attr-defined]
+        plan["block_size"] = ctx.params.block_size
         plan["note"] = "fixed structure: nothing to calibrate, score or decide; every target gets a block"
         return plan
 
-    def _make(self, linear: nn.Linear, ctx: MethodContext) -> AdapterLayer:
+    def check_shapes(self, model: nn.Module, targets: list[Target], ctx: MethodContext[B]) -> None:
+        try:
+            self.decide([], targets, ctx)  # the block-size rules live in decide
+        except ValueError as exc:
+            raise ShapeMismatch(f"{self.name}.block_size", " ".join(str(exc).split())) from None
+
+    def _make(self, linear: nn.Linear, ctx: MethodContext[B]) -> AdapterLayer:
         raise NotImplementedError
 
-    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
+    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext[B]
               ) -> dict[str, AdapterLayer]:
         planned = plan["modules"]
         return inject(model, targets, lambda t, lin: self._make(lin, ctx) if t.name in planned else None)
 
-    def export_peft(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> PeftExport:
+    def export_peft(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[B]) -> PeftExport:
         layers = adapter_layers(model)
         if not layers:
             raise ValueError(f"no {self.name} adapters in this model: nothing to export")
@@ -86,33 +104,38 @@ class _BlockMethod(Method):
 
 
 @register
-class Bone(_BlockMethod):
+class Bone(_BlockMethod[BoneParams]):
     name = "bone"
     description = "Bone: one zero-initialised b x d_out block shared by all input shards (PEFT MiSS)"
     params_model = BoneParams
     peft_init_weights = True
 
-    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
-        b = ctx.params.block_size  # type: ignore[attr-defined]
+    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[BoneParams]) -> dict[str, Any]:
+        b = ctx.params.block_size
         narrow = [f"{t.name} (in={t.in_features})" for t in targets if t.in_features < b]
         if narrow:  # PEFT refuses r > in_features too; fail before training, not at build
             raise ValueError(f"Bone block size {b} exceeds the input width of {', '.join(narrow[:3])}")
         return super().decide(scores, targets, ctx)
 
-    def _make(self, linear: nn.Linear, ctx: MethodContext) -> AdapterLayer:
-        p: BoneParams = ctx.params  # type: ignore[assignment]
+    def _make(self, linear: nn.Linear, ctx: MethodContext[BoneParams]) -> AdapterLayer:
+        p = ctx.params
         return BoneLinear(linear, p.block_size, p.dropout)
+
+    def paper_targets(self, task: str, rows: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any]
+                      ) -> list[PaperTarget]:
+        gap = points_gap(rows[self.name], reference)
+        return [(f"{task}: bone within 1 pt of lora (equal params)", f"{gap:+.2f} pt", gap >= -1)]
 
 
 @register
-class Bat(_BlockMethod):
+class Bat(_BlockMethod[BatParams]):
     name = "bat"
     description = "Bat: Bone with the weight guide, W'_ij = W_ij (I + D_i) + D_i (PEFT MiSS init_weights='bat')"
     params_model = BatParams
     peft_init_weights = "bat"
 
-    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
-        b = ctx.params.block_size  # type: ignore[attr-defined]
+    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[BatParams]) -> dict[str, Any]:
+        b = ctx.params.block_size
         # fail at planning time, not after the base model is loaded for fine-tuning
         bad = [f"{t.name} ({t.out_features}x{t.in_features})" for t in targets
                if t.in_features % b or t.out_features % b]
@@ -123,6 +146,12 @@ class Bat(_BlockMethod):
             )
         return super().decide(scores, targets, ctx)
 
-    def _make(self, linear: nn.Linear, ctx: MethodContext) -> AdapterLayer:
-        p: BatParams = ctx.params  # type: ignore[assignment]
-        return BatLinear(linear, p.block_size)
+    def _make(self, linear: nn.Linear, ctx: MethodContext[BatParams]) -> AdapterLayer:
+        return BatLinear(linear, ctx.params.block_size)
+
+    def paper_targets(self, task: str, rows: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any]
+                      ) -> list[PaperTarget]:
+        if "bone" not in rows:
+            return []
+        d = points_gap(rows[self.name], rows["bone"])
+        return [(f"{task}: bat >= bone", f"{d:+.2f} pt", d >= 0)]

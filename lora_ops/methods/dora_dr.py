@@ -16,6 +16,7 @@ The export is plain LoRA with a per-module ``rank_pattern``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,9 +25,9 @@ from torch import nn
 
 from lora_ops import distributed as dist
 from lora_ops.adapters.dora_dr import DoRADRLinear, dora_shares
-from lora_ops.methods.allocation import RankAllocationMethod
-from lora_ops.methods.base import MethodContext, register
-from lora_ops.methods.recipe import MethodParams, Recipe
+from lora_ops.methods.allocation import AllocationParams, RankAllocationMethod
+from lora_ops.methods.base import MethodContext, PaperTarget, points_gap, register
+from lora_ops.methods.recipe import Recipe
 from lora_ops.rank_allocation import (
     RankAllocationController,
     StepSpec,
@@ -37,7 +38,7 @@ from lora_ops.rank_allocation import (
 )
 
 
-class DoRADRParams(MethodParams):
+class DoRADRParams(AllocationParams):
     """``params[dora_dr]``. Steps: a float in [0, 1] is a fraction of the run, an int a step count."""
 
     initial_rank_factor: float = Field(1.5, gt=0.0, description="r0 = ceil(factor * adapter.rank)")
@@ -80,7 +81,7 @@ class DoRADRController(RankAllocationController):
     params: DoRADRParams
 
     def __init__(self, layers: dict[str, DoRADRLinear], target_rank: int, params: DoRADRParams) -> None:
-        super().__init__(layers, target_rank, params)  # type: ignore[arg-type]
+        super().__init__(layers, target_rank, params)
         self.ema = torch.zeros(self.num_modules, self.r0, device=self.device)
         self.t_start = self.t_end = self.interval = 0
 
@@ -189,12 +190,21 @@ def _sum_of_variances(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @register
-class DoRADR(RankAllocationMethod):
+class DoRADR(RankAllocationMethod[DoRADRParams]):
     name = "dora_dr"
     description = "DoRA (dynamic rank distribution): gated rank-1 components pruned to a global budget in training"
     params_model = DoRADRParams
     layer_cls = DoRADRLinear
 
-    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> DoRADRController:
+    def paper_targets(self, task: str, rows: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any]
+                      ) -> list[PaperTarget]:
+        gap = points_gap(rows[self.name], reference)
+        out = [(f"{task}: dora_dr within 0.5 pt of lora", f"{gap:+.2f} pt", gap >= -0.5)]
+        if "adalora" in rows:
+            d = points_gap(rows[self.name], rows["adalora"])
+            out.append((f"{task}: dora_dr >= adalora", f"{d:+.2f} pt", d >= 0))
+        return out
+
+    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[DoRADRParams]) -> DoRADRController:
         _, rt = self.ranks(ctx)
-        return DoRADRController(self.allocation_layers(model), rt, ctx.params)  # type: ignore[arg-type]
+        return DoRADRController(self.allocation_layers(model), rt, ctx.params)

@@ -86,11 +86,12 @@ def peft_eva_components(model: nn.Module, targets: list[Target], batches: list[d
 
 
 @register
-class EVA(Method):
+class EVA(Method[EvaParams]):
     name = "eva"
     description = "PEFT's EVA (peer baseline): ranks and A from SVDs of input activations, rank-0 modules dropped"
     params_model = EvaParams
     needs_calibration = True
+    study_peer = True
     stage_settings = {"calibrate": ("rho", "tau"), "decide": (), "finetune": ("recipe",)}
 
     def check_environment(self) -> None:
@@ -98,8 +99,8 @@ class EVA(Method):
             raise MissingDependency(PEFT_MISSING)
 
     def calibrate(self, model: nn.Module, targets: list[Target], sample: BatchSource,
-                  ctx: MethodContext) -> list[dict[str, Any]]:
-        params: EvaParams = ctx.params  # type: ignore[assignment]
+                  ctx: MethodContext[EvaParams]) -> list[dict[str, Any]]:
+        params = ctx.params
         batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in sample.batches(0)]
         was_training = model.training
         components = peft_eva_components(model, targets, batches, ctx.adapter.rank, ctx.adapter.alpha,
@@ -115,14 +116,14 @@ class EVA(Method):
                          "components": encode_tensor(comp)})
         return rows
 
-    def score(self, rows: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> list[dict[str, Any]]:
+    def score(self, rows: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[EvaParams]) -> list[dict[str, Any]]:
         if not rows:
             raise ValueError("eva needs calibration rows (EVA components per module); run the calibrate stage")
         total = sum(int(r["rank"]) for r in rows) or 1
         # importance = the module's share of the redistributed rank budget
         return [{**r, "importance": int(r["rank"]) / total} for r in rows]
 
-    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
+    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[EvaParams]) -> dict[str, Any]:
         plan = super().decide(scores, targets, ctx)
         by_name = {s["module"]: s for s in scores}
         missing = sorted(t.name for t in targets if t.name not in by_name)
@@ -140,7 +141,7 @@ class EVA(Method):
         plan["dropped"] = dropped
         return plan
 
-    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
+    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext[EvaParams]
               ) -> dict[str, AdapterLayer]:
         a = ctx.adapter
         modules = plan["modules"]

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,12 +21,12 @@ from lora_ops.adapters.base import AdapterLayer
 from lora_ops.adapters.lora import LoRALinear, LoRAPair, lora_scale
 from lora_ops.data import BatchSource
 from lora_ops.importance.output_energy import OutputEnergyRecorder
-from lora_ops.methods.base import Method, MethodContext, register
+from lora_ops.methods.base import Method, MethodContext, PaperTarget, check_rank_fits, points_gap, register
 from lora_ops.methods.lora import own_lora
 from lora_ops.methods.recipe import MethodParams
 from lora_ops.selection import cumulative_threshold, normalize
 from lora_ops.targets import Target, inject, unload
-from lora_ops.training.loop import TrainConfig, train
+from lora_ops.training.loop import train
 
 
 class LoRADropParams(MethodParams):
@@ -34,7 +36,7 @@ class LoRADropParams(MethodParams):
 
 
 @register
-class LoRADrop(Method):
+class LoRADrop(Method[LoRADropParams]):
     name = "lora_drop"
     description = "LoRA-drop: output-energy importance, dedicated LoRA for the top modules, one shared LoRA per group"
     params_model = LoRADropParams
@@ -43,20 +45,29 @@ class LoRADrop(Method):
     stage_settings = {"calibrate": ("probe_epochs", "probe_lr", "recipe"), "decide": ("threshold",),
                       "finetune": ("recipe",)}
 
+    def check_shapes(self, model: nn.Module, targets: list[Target], ctx: MethodContext[LoRADropParams]) -> None:
+        check_rank_fits(ctx.adapter.rank, targets)
+
+    def paper_targets(self, task: str, rows: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any]
+                      ) -> list[PaperTarget]:
+        me = rows[self.name]
+        share, gap = me["stored_mean"] / reference["stored_mean"], points_gap(me, reference)
+        return [(f"{task}: {me['method']} <= 60 % of LoRA's stored params, within 1 pt",
+                 f"{100 * share:.1f} %, {gap:+.2f} pt", bool(share <= 0.6 and gap >= -1))]
+
     def calibrate(self, model: nn.Module, targets: list[Target], sample: BatchSource,
-                  ctx: MethodContext) -> list[dict[str, Any]]:
-        params: LoRADropParams = ctx.params  # type: ignore[assignment]
+                  ctx: MethodContext[LoRADropParams]) -> list[dict[str, Any]]:
+        params = ctx.params
         torch.manual_seed(ctx.seed)
         # the probe trains whatever the caller left trainable (the task head); restore it afterwards
         trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
         saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         layers = inject(model, targets, lambda t, lin: own_lora(lin, ctx))
         try:
-            cfg = TrainConfig(epochs=params.probe_epochs, lr=params.probe_lr or ctx.train.lr,
-                              head_lr=ctx.train.head_lr, group_lr=ctx.train.group_lr,
-                              weight_decay=ctx.train.weight_decay,
-                              warmup_ratio=ctx.train.warmup_ratio, grad_clip=ctx.train.grad_clip,
-                              progress=ctx.train.progress, progress_label="calibrate: probe LoRA")
+            # the run's own config (precision, checkpointing, recipe included) at the probe's budget; the
+            # run's max_steps bounds fine-tuning, not the probe, which has probe_epochs of its own
+            cfg = dataclasses.replace(ctx.train, epochs=params.probe_epochs, lr=params.probe_lr or ctx.train.lr,
+                                      max_steps=None, progress_label="calibrate: probe LoRA")
             train(model, sample, cfg, device=ctx.device)
             recorder = OutputEnergyRecorder(layers)  # type: ignore[arg-type]
             model.eval()
@@ -80,7 +91,7 @@ class LoRADrop(Method):
             for n in layers
         ]
 
-    def score(self, rows: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> list[dict[str, Any]]:
+    def score(self, rows: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[LoRADropParams]) -> list[dict[str, Any]]:
         if not rows:
             raise ValueError("lora_drop needs calibration rows (energy per module); run the calibrate stage")
         out = []
@@ -91,8 +102,8 @@ class LoRADrop(Method):
                 out.append({**r, "importance": shares[r["module"]]})
         return out
 
-    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
-        params: LoRADropParams = ctx.params  # type: ignore[assignment]
+    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[LoRADropParams]) -> dict[str, Any]:
+        params = ctx.params
         plan = super().decide(scores, targets, ctx)
         plan["threshold"] = params.threshold
         groups: dict[str, Any] = {}
@@ -112,7 +123,7 @@ class LoRADrop(Method):
         plan["groups"] = groups
         return plan
 
-    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
+    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext[LoRADropParams]
               ) -> dict[str, AdapterLayer]:
         a = ctx.adapter
         shared_pairs: dict[str, LoRAPair] = {}

@@ -23,7 +23,7 @@ from lora_ops.adapters.base import AdapterLayer, adapter_layers
 from lora_ops.adapters.lora import LoRAPair, lora_scale
 from lora_ops.data import BatchSource
 from lora_ops.export import export_lora_family
-from lora_ops.methods.base import Method, MethodContext, PeftExport, register
+from lora_ops.methods.base import Method, MethodContext, PeftExport, ShapeMismatch, check_rank_fits, register
 from lora_ops.methods.lora import own_lora
 from lora_ops.methods.recipe import MethodParams
 from lora_ops.pruning.controller import LoRAPruneController, mask_directions
@@ -69,10 +69,6 @@ class LoRAPruneParams(MethodParams):
         return v
 
 
-def _params(ctx: MethodContext) -> LoRAPruneParams:
-    return ctx.params  # type: ignore[return-value]
-
-
 def structure_for(model: nn.Module, params: LoRAPruneParams) -> PruneStructure:
     return discover_structure(model, params.gqa_mode, params.exempt_first_fraction, params.exempt_last,
                               params.prune_heads, params.prune_mlp, params.exempt_layers)
@@ -85,7 +81,7 @@ def structure_from_plan(plan: dict[str, Any]) -> PruneStructure:
 
 
 @register
-class LoRAPrune(Method):
+class LoRAPrune(Method[LoRAPruneParams]):
     name = "loraprune"
     description = "LoRAPrune: LoRA-gradient-guided structured pruning of heads/KV groups and MLP channels"
     params_model = LoRAPruneParams
@@ -93,18 +89,25 @@ class LoRAPrune(Method):
     no_peft_export_reason = ("the base model itself is pruned: use the merged folder (data/merge/model); "
                              "export_peft() gives the LoRA at pruned shapes for an unmerged pruned base")
 
+    def check_shapes(self, model: nn.Module, targets: list[Target], ctx: MethodContext[LoRAPruneParams]) -> None:
+        check_rank_fits(ctx.adapter.rank, targets)
+        try:
+            self.plan_model(model, targets, ctx)  # the structure and its ratio grid
+        except ValueError as exc:
+            raise ShapeMismatch("loraprune", " ".join(str(exc).split())) from None
+
     def calibrate(self, model: nn.Module, targets: list[Target], sample: BatchSource | None,
-                  ctx: MethodContext) -> list[dict[str, Any]]:
-        structure = structure_for(model, _params(ctx))
+                  ctx: MethodContext[LoRAPruneParams]) -> list[dict[str, Any]]:
+        structure = structure_for(model, ctx.params)
         return [{"family": structure.family, "kind": structure.kind, "layer": ls.layer, "n_heads": ls.n_heads,
                  "n_kv_heads": ls.n_kv_heads, "head_dim": ls.head_dim, "intermediate": ls.intermediate,
                  "exempt": ls.exempt} for ls in structure.layers]
 
-    def score(self, rows: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> list[dict[str, Any]]:
+    def score(self, rows: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[LoRAPruneParams]) -> list[dict[str, Any]]:
         return list(rows)  # scores are computed in the loop; the structure rows go on to decide
 
-    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
-        params = _params(ctx)
+    def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[LoRAPruneParams]) -> dict[str, Any]:
+        params = ctx.params
         if not scores:
             raise ValueError("loraprune needs the structure rows from calibrate(model, ...) to plan the grid")
         by_layer: dict[int, dict[str, str]] = {}
@@ -125,15 +128,15 @@ class LoRAPrune(Method):
         plan.update({"params": params.model_dump(), "grid": grid, "structure": structure.to_dict()})
         return plan
 
-    def plan_model(self, model: nn.Module, targets: list[Target], ctx: MethodContext) -> dict[str, Any]:
+    def plan_model(self, model: nn.Module, targets: list[Target], ctx: MethodContext[LoRAPruneParams]) -> dict[str, Any]:
         """calibrate + score + decide in one call (no data needed)."""
         rows = self.calibrate(model, targets, None, ctx)
         return self.decide(self.score(rows, targets, ctx), targets, ctx)
 
-    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
+    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext[LoRAPruneParams]
               ) -> dict[str, AdapterLayer]:
         structure = structure_from_plan(plan)
-        live = structure_for(model, _params(ctx))
+        live = structure_for(model, ctx.params)
         if [(ls.n_heads, ls.n_kv_heads, ls.intermediate) for ls in live.layers] != \
                 [(ls.n_heads, ls.n_kv_heads, ls.intermediate) for ls in structure.layers]:
             raise ValueError("the model's widths differ from the plan's: re-run decide on this model")
@@ -157,8 +160,8 @@ class LoRAPrune(Method):
 
         return inject(model, targets, make)
 
-    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> LoRAPruneController:
-        params = _params(ctx)
+    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[LoRAPruneParams]) -> LoRAPruneController:
+        params = ctx.params
         layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, MaskedLoRALinear)}
         return LoRAPruneController(layers, structure_from_plan(plan), plan["grid"], get_importance(params.criterion),
                                    warmup=params.warmup, cooldown=params.cooldown, every=params.prune_every,
@@ -182,22 +185,22 @@ class LoRAPrune(Method):
         return {"trainable": counts["trainable"], "active": dense - removed, "stored": dense - removed}
 
     # ---------------------------------------------------------------- export
-    def final_plan(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> dict[str, Any]:
+    def final_plan(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[LoRAPruneParams]) -> dict[str, Any]:
         """The pruning plan read from the masks the model carries (e.g. after loading an adapter state)."""
         ctl = self.controller(model, plan, ctx)
         ctl.masks_from_layers()
         return ctl.plan()
 
-    def merged_model(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> nn.Module:
+    def merged_model(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[LoRAPruneParams]) -> nn.Module:
         # the base class folds LoRA only; a LoRAPrune model without its masks applied is not the trained model
         return self.export_merged(model, plan, ctx)
 
-    def export_merged(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> nn.Module:
+    def export_merged(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[LoRAPruneParams]) -> nn.Module:
         """Heads and channels physically removed, LoRA merged; widths recorded in the config."""
         final = self.final_plan(model, plan, ctx)
         return prune_model(model, final, merge=True)
 
-    def export_model(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext, out_dir: str | Path,
+    def export_model(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[LoRAPruneParams], out_dir: str | Path,
                      tokenizer: Any = None) -> dict[str, Any]:
         """Physically prune (in place), merge LoRA and save a plain HF folder. Returns the pruning info.
 
@@ -208,7 +211,7 @@ class LoRAPrune(Method):
         prune_model(model, final, merge=True)
         return save_pruned(model, out_dir, tokenizer)
 
-    def export_peft(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> PeftExport:
+    def export_peft(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[LoRAPruneParams]) -> PeftExport:
         """LoRA re-keyed to the *pruned* shapes (apply it to an unmerged pruned base); model unchanged."""
         final = self.final_plan(model, plan, ctx)
         pruned = prune_model(copy.deepcopy(model), final, merge=False)

@@ -83,20 +83,21 @@ class TrimController(Controller):
 
 
 @register
-class SvdTrim(Method):
+class SvdTrim(Method[SvdTrimParams]):
     name = "svd_trim"
     description = "plain LoRA trimmed after training to the rank keeping `energy` of each update's SVD energy"
     params_model = SvdTrimParams
+    study_peer = True
     stage_settings = {"decide": (), "finetune": ("energy", "recipe")}
 
-    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext
+    def build(self, model: nn.Module, targets: list[Target], plan: dict[str, Any], ctx: MethodContext[SvdTrimParams]
               ) -> dict[str, AdapterLayer]:
         planned = plan["modules"]
         return inject(model, targets,
                       lambda t, lin: own_lora(lin, ctx, TrimmableLoRALinear) if t.name in planned else None)
 
-    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext) -> Controller:
-        params: SvdTrimParams = ctx.params  # type: ignore[assignment]
+    def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[SvdTrimParams]) -> Controller:
+        params = ctx.params
         layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, TrimmableLoRALinear)}
         return TrimController(layers, params.energy)
 
