@@ -232,4 +232,4 @@ def test_bad_inputs_fail_before_training(tiny_bert):
         method.params_model(tinit=0.6, tfinal=0.5)
     m, c, plan = _build(tiny_bert, rank=2, tinit=20, tfinal=15)
     with pytest.raises(ValueError, match="phases overlap"):
-        train(tiny_bert, _data(), TrainConfig(epochs=6, progress=False), controller=m.controller(tiny_bert, plan, c))
+        train(tiny_bert, _data(), TrainConfig(epochs=6, lr=5e-4, progress=False), controller=m.controller(tiny_bert, plan, c))

@@ -316,6 +316,6 @@ def test_bad_inputs_fail_before_training(tiny_bert):
     ctrl = m.controller(tiny_bert, plan, c)
     before = {k: v.clone() for k, v in trainable_state(tiny_bert).items()}
     with pytest.raises(ValueError, match="phases overlap"):
-        train(tiny_bert, _data(), TrainConfig(epochs=6, progress=False), controller=ctrl)
+        train(tiny_bert, _data(), TrainConfig(epochs=6, lr=5e-4, progress=False), controller=ctrl)
     for k, v in trainable_state(tiny_bert).items():
         assert torch.equal(v, before[k])

@@ -53,7 +53,7 @@ def _masked(model):
 def _train(model, method, ctx, plan, batch_fn, steps=12):
     data = {k: torch.cat([batch_fn(seed=s)[k] for s in range(steps)]) for k in batch_fn(seed=0)}
     ctl = method.controller(model, plan, ctx)
-    train(model, BatchSource(data, batch_size=4, shuffle=False), TrainConfig(lr=1e-3, warmup_ratio=0.0,
+    train(model, BatchSource(data, batch_size=4, shuffle=False), TrainConfig(epochs=1, lr=1e-3, warmup_ratio=0.0,
                                                                              progress=False), controller=ctl)
     return ctl
 

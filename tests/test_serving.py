@@ -96,7 +96,7 @@ def _pruned(model, tokenizer):
     ids = torch.randint(1000, len(tokenizer), (24, 8), generator=gen)
     data = BatchSource({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()},
                        batch_size=4, shuffle=False)
-    train(model, data, TrainConfig(lr=1e-3, warmup_ratio=0.0, progress=False),
+    train(model, data, TrainConfig(epochs=1, lr=1e-3, warmup_ratio=0.0, progress=False),
           controller=method.controller(model, plan, ctx))
     return model.eval(), method, ctx, plan
 

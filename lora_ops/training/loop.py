@@ -28,8 +28,11 @@ from lora_ops.training.controller import Controller
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
-    lr: float = 5e-4
+    """The loop's settings. Its defaults are the project's training defaults: the ``train`` section's schema
+    (stages/common/params.py) takes its defaults from here, and params.yaml states the same values."""
+
+    epochs: int = 4
+    lr: float = 1e-3
     head_lr: float | None = None
     #: learning rate per named parameter group (``adapter``, ``head``, ``gates``, ``ranges``...); a group
     #: not listed trains at ``lr`` (the head at ``head_lr`` when set). Groups come from the adapter layers.
@@ -38,7 +41,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     grad_clip: float | None = 1.0
     max_steps: int | None = None
-    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at epoch ends
+    checkpoint_every: int = 50  # optimizer steps between checkpoints (with on_checkpoint); 0: only at epoch ends
     select_metric: str = "loss"  # metric for "best"; "loss" is minimised, any other maximised
     progress: bool = True
     progress_label: str = "finetune"

@@ -12,6 +12,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lora_ops.methods import AdapterConfig, available_methods, get_method
 from lora_ops.methods.base import MissingDependency
 from lora_ops.methods.recipe import check_groups
+from lora_ops.training.loop import TrainConfig
 from stages.common.tasks import TASKS
 from stages.common.workspace import origin_root
 
@@ -99,25 +101,34 @@ class CalibrateParams(_Strict):
         return v
 
 
+#: the loop's config holds the training defaults; the fields below that it shares take theirs from it
+_LOOP = TrainConfig()
+
+
 class TrainParams(_Strict):
-    epochs: int = Field(2, ge=1)
+    """The ``train`` section. :func:`stages.common.context.train_config` turns it into the loop's
+    :class:`TrainConfig` (every field they share, by name)."""
+
+    epochs: int = Field(_LOOP.epochs, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    head_lr: float | None = Field(None, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    grad_clip: float | None = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0 = epoch ends")
+    lr: float = Field(_LOOP.lr, gt=0)
+    head_lr: float | None = Field(_LOOP.head_lr, gt=0)
+    weight_decay: float = Field(_LOOP.weight_decay, ge=0)
+    warmup_ratio: float = Field(_LOOP.warmup_ratio, ge=0, lt=1)
+    grad_clip: float | None = Field(_LOOP.grad_clip, gt=0)
+    max_steps: int | None = Field(_LOOP.max_steps, ge=1)
+    checkpoint_every: int = Field(_LOOP.checkpoint_every, ge=0,
+                                  description="steps between resumable checkpoints; 0 = epoch ends")
+    # a stage-level choice (the loop only knows metric names): resolved per task by context.select_metric
     select_metric: str = Field("main", description="'main' = the task's official metric, or 'loss'; "
                                                    "measured on the validation split, never on dev")
     group_by_length: bool = Field(True, description="length-grouped batches (seeded buckets), each padded to "
                                                     "its own longest example")
     pad_to_multiple_of: int | None = Field(None, ge=1, description="round each batch's width up to a multiple "
                                                                    "(8 suits tensor cores); null = exact")
-    precision: str = Field("fp32", description="fp32 | bf16 | fp16: autocast for the forward pass (fp16 with a "
+    precision: str = Field(_LOOP.precision, description="fp32 | bf16 | fp16: autocast for the forward pass (fp16 with a "
                                                "loss scaler); adapters and optimizer state stay fp32")
-    gradient_checkpointing: bool = Field(False, description="recompute block activations in backward (causal "
+    gradient_checkpointing: bool = Field(_LOOP.gradient_checkpointing, description="recompute block activations in backward (causal "
                                                             "LMs): less memory, about one extra forward")
 
     @field_validator("precision")
@@ -204,8 +215,6 @@ class ScheduleParams(_Strict):
     @field_validator("timezone")
     @classmethod
     def _tz(cls, v: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
         try:
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError):
@@ -275,7 +284,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the document must be a mapping of sections, not a {type(raw).__name__}")
     for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     try:
         params = Params.model_validate(raw)  # not Params(**raw): a list or scalar document is a ValidationError
     except ValidationError as exc:
@@ -303,7 +312,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
 def _check_precision(params: Params) -> None:
     """bf16 or fp16 on a device that cannot run it stops here, before any stage works."""
     from lora_ops.training.precision import check_precision
-    from stages.common.runtime import device
+    from stages.common.device import device
 
     try:
         check_precision(params.train.precision, device())
@@ -320,11 +329,15 @@ def _check_model(params: Params) -> None:
         raise ConfigError(f"model.name: {exc}") from None
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """``raw["a"]["b"] = value`` for ``key`` ``a.b``; a missing or empty (null) section is created. ``raw`` may
+    be any mapping that keeps its own node types (flows pass a round-trip YAML document)."""
     node = raw
     *parents, leaf = key.split(".")
     for i, p in enumerate(parents):
-        node = node.setdefault(p, {})
+        if node.get(p) is None:
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):  # e.g. "seed.x": the parent is a scalar, not a section
             raise ConfigError(f"override {key!r}: {'.'.join(parents[:i + 1])} is not a section")
     node[leaf] = value

@@ -4,7 +4,9 @@ device, and the error boundary that turns known failures into one actionable lin
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import random
 import sys
 import traceback
 from collections.abc import Callable
@@ -19,11 +21,9 @@ for _k, _v in {
 
 import torch  # noqa: E402
 
+from stages.common.device import device  # noqa: E402,F401  (runtime.device(): what the stages call)
+
 EXIT_BAD_INPUT = 2
-
-
-def device() -> str:
-    return os.environ.get("LORA_SIEVE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def derive_seed(seed: int, *stream: str | int) -> int:
@@ -32,16 +32,12 @@ def derive_seed(seed: int, *stream: str | int) -> int:
     Streams are independent of each other and of the order in which stages or ranks draw, so
     adding a draw in one place never shifts another; the same run seed always gives the same value.
     """
-    import hashlib
-
     key = ":".join([str(seed), *map(str, stream)]).encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
 
 
 def seed_everything(seed: int) -> None:
     """Seed every global generator a stage may touch (Python, torch CPU and CUDA)."""
-    import random
-
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
