@@ -55,7 +55,7 @@ def _data(mirror: Path):
 def _accuracy(model, tok, dev) -> float:
     import torch
 
-    from stages.common.pipeline import predict
+    from stages.common.evaluation import predict
 
     enc = tok(dev["sentence"].tolist(), max_length=MAX_LEN, truncation=True, padding="max_length", return_tensors="pt")
     logits = predict(model, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],

@@ -28,18 +28,13 @@ from lora_ops.data import BatchSource  # noqa: E402
 from lora_ops.targets import find_targets  # noqa: E402
 from lora_ops.training import train  # noqa: E402
 from stages.common import runtime  # noqa: E402
+from stages.common.adapted import build_adapted, load_base  # noqa: E402
+from stages.common.context import method_context, select_metric, task_of  # noqa: E402
+from stages.common.evaluation import evaluate_features  # noqa: E402
+from stages.common.features import tokenize  # noqa: E402
 from stages.common.io import read_parquet  # noqa: E402
 from stages.common.params import load_params  # noqa: E402
-from stages.common.pipeline import (  # noqa: E402
-    Paths,
-    build_adapted,
-    evaluate_features,
-    load_base,
-    method_context,
-    select_metric,
-    task_of,
-    tokenize,
-)
+from stages.common.paths import Paths  # noqa: E402
 
 
 def parse(pairs: list[str]) -> dict:

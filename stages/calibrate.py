@@ -10,9 +10,12 @@ import torch
 from lora_ops.data import BatchSource, stratified_indices
 from lora_ops.targets import find_targets, freeze_all_but
 from stages.common import runtime, shapes
+from stages.common.adapted import load_base
+from stages.common.context import method_context, task_of
+from stages.common.features import tokenize
 from stages.common.io import read_parquet, write_json, write_records
 from stages.common.params import load_params
-from stages.common.pipeline import Paths, load_base, method_context, task_of, tokenize
+from stages.common.paths import Paths
 from stages.common.tracking import StageRun
 
 COLUMNS = ["module", "group", "role", "layer"]

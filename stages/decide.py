@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from stages.common import runtime, shapes
+from stages.common.adapted import build_adapted, load_base
+from stages.common.context import method_context
+from stages.common.evaluation import plain_lora_parameters
 from stages.common.io import read_records, write_json
 from stages.common.params import load_params
-from stages.common.pipeline import Paths, build_adapted, load_base, method_context, plain_lora_parameters
+from stages.common.paths import Paths
 from stages.common.tracking import StageRun
 
 

@@ -3,6 +3,9 @@ output difference, adapter parameters (and ratio to plain LoRA), latency; metric
 
 from __future__ import annotations
 
+import json
+import resource
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +13,10 @@ import torch
 
 from lora_ops.training import load_trainable_state
 from stages.common import runtime
+from stages.common.adapted import build_adapted
+from stages.common.context import task_of
+from stages.common.evaluation import latency_per_batch, lm_loss, predict, task_metrics
+from stages.common.features import tokenize
 from stages.common.io import (
     atomic_path,
     check_model_folder,
@@ -19,16 +26,7 @@ from stages.common.io import (
     write_json,
 )
 from stages.common.params import load_params
-from stages.common.pipeline import (
-    Paths,
-    build_adapted,
-    latency_per_batch,
-    lm_loss,
-    predict,
-    task_metrics,
-    task_of,
-    tokenize,
-)
+from stages.common.paths import Paths
 from stages.common.tracking import StageRun
 
 TIMING_KEYS = ("latency_merged_ms", "latency_unmerged_ms", "latency_dense_ms", "latency_ratio_to_dense",
@@ -172,7 +170,6 @@ def plot_structure(rows: list[dict], method: str, path: Path) -> None:
 
 def load_merged_lm(path: Path):
     """Pruned folders with per-layer widths need lora_ops' loader; everything else loads stock."""
-    import json
 
     from transformers import AutoModelForCausalLM
 
@@ -186,12 +183,11 @@ def load_merged_lm(path: Path):
 
 def evaluate_lm(params, plan: dict, device: str) -> dict:
     """Perplexity on WikiText-2 and PTB test at a pinned protocol, sizes and latency, dense vs merged."""
-    import resource
 
     from lora_ops.lm_eval import perplexity
+    from stages.common.adapted import load_base
     from stages.common.lm import corpus_tokens, load_corpus
     from stages.common.params import mirror_path
-    from stages.common.pipeline import load_base
 
     pe = params.lm_eval
     merged, needs_loader = load_merged_lm(Paths.merged_model)
@@ -231,7 +227,6 @@ def evaluate_lm(params, plan: dict, device: str) -> dict:
 
 @torch.no_grad()
 def _latency(model, inputs: dict, repeats: int = 3) -> float:
-    import time
 
     model(**inputs)
     times = []

@@ -17,10 +17,14 @@ from lora_ops import distributed as dist
 from lora_ops.data import BatchSource
 from lora_ops.training import train, trainable_state
 from stages.common import runtime, shapes
+from stages.common.adapted import build_adapted
 from stages.common.checkpoint import CheckpointUnreadable, load_checkpoint, remove_checkpoint, save_checkpoint
+from stages.common.context import task_of
+from stages.common.evaluation import evaluate_features
+from stages.common.features import tokenize
 from stages.common.io import atomic_path, read_json, read_parquet, write_json
 from stages.common.params import load_params
-from stages.common.pipeline import Paths, build_adapted, evaluate_features, select_metric, task_of, tokenize
+from stages.common.paths import Paths
 from stages.common.stop import GracefulStop
 from stages.common.tracking import stage_run
 
@@ -104,8 +108,7 @@ def _finetune(params) -> None:
                            rank=dist.rank(), world_size=dist.world_size(),
                            group_by_length=params.train.group_by_length,
                            pad_to_multiple_of=params.train.pad_to_multiple_of)
-        cfg = ctx.train
-        cfg.select_metric = select_metric(params)
+        cfg = ctx.train  # select_metric resolved for the task (context.train_config)
         controller = adapted.method.controller(model, plan, ctx)
         fp = fingerprint(dump, plan)
         resume = resume_state(fp)

@@ -15,9 +15,10 @@ from safetensors.torch import save_file
 from lora_ops.export import PeftExport, serve_safe
 from lora_ops.training import load_trainable_state
 from stages.common import runtime
+from stages.common.adapted import build_adapted, model_ref
 from stages.common.io import atomic_path, read_json, read_safetensors
 from stages.common.params import load_params
-from stages.common.pipeline import Paths, build_adapted, model_ref
+from stages.common.paths import Paths
 from stages.common.tracking import StageRun
 
 # the serve-safe PEFT adapter (inside data/merge, so it is part of the stage's DVC output)

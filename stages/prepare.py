@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 
 from stages.common import runtime, shapes
+from stages.common.context import task_of
 from stages.common.glue import load_split
 from stages.common.io import write_json, write_parquet
 from stages.common.lm import load_instructions
 from stages.common.models import resolve_model
 from stages.common.params import load_params, mirror_path
-from stages.common.pipeline import Paths, task_of
+from stages.common.paths import Paths
 from stages.common.tasks import is_lm
 from stages.common.tracking import StageRun
 

@@ -19,13 +19,14 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from stages.common import runtime, serving
+from stages.common.context import task_of
 from stages.common.io import read_json, read_parquet, write_json
 from stages.common.params import load_params
-from stages.common.pipeline import Paths, read_metrics, task_of
+from stages.common.paths import Paths, read_metrics
 from stages.common.registry import Limits, default_name, register_and_decide
 from stages.common.tracking import StageRun, dvc_stage_hashes, git_commit, params_hash, tracking_uri
 
-DECISION = Path("data/promote/decision.json")
+DECISION = Paths.decision
 SERVE_SAFE = Paths.merge / "peft_serve"  # written by the merge stage (stages/merge.py)
 
 

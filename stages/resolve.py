@@ -14,7 +14,7 @@ from lora_ops.methods import get_method
 from stages.common import runtime
 from stages.common.io import write_json
 from stages.common.params import Params, load_params
-from stages.common.pipeline import Paths
+from stages.common.paths import Paths
 
 #: the stages that read a method's own params section
 METHOD_STAGES = ("calibrate", "decide", "finetune")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from lora_ops.targets import find_targets
 from stages.common import runtime
+from stages.common.adapted import load_base
+from stages.common.context import method_context
 from stages.common.io import read_records, write_records
 from stages.common.params import load_params
-from stages.common.pipeline import Paths, load_base, method_context
+from stages.common.paths import Paths
 from stages.common.tracking import StageRun
 
 

@@ -64,7 +64,7 @@ def test_shards_of_a_grouped_batch_make_up_the_one_process_batch():
 
 def test_dynamic_padding_leaves_outputs_unchanged(tiny_bert):
     """Attention masks make padding inert: logits and loss equal fixed padding up to float rounding."""
-    from stages.common.pipeline import predict
+    from stages.common.evaluation import predict
 
     model = _lora_bert(tiny_bert)
     with torch.no_grad():

@@ -259,8 +259,8 @@ def test_params_reject_bf16_on_a_device_that_lacks_it(repo, monkeypatch):
 def test_params_reach_the_training_config(repo):
     from helpers import set_params
 
+    from stages.common.context import method_context
     from stages.common.params import load_params
-    from stages.common.pipeline import method_context
 
     set_params(repo, {"train.precision": "bf16", "task.name": "alpaca", "model.name": "smollm2-135m",
                       "train.gradient_checkpointing": True, "method.name": "lora"})

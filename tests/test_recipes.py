@@ -15,8 +15,8 @@ from lora_ops.methods.recipe import Recipe, apply_recipe
 from lora_ops.pruning.schedule import PruneSchedule
 from lora_ops.training import TrainConfig, TrainingInterrupted, train, trainable_state
 from lora_ops.training.loop import _param_groups, parameter_group_names
+from stages.common.context import method_context
 from stages.common.params import ConfigError, load_params
-from stages.common.pipeline import method_context
 from stages.resolve import stage_settings
 
 # the default budget of params.yaml: 4,000 training examples, batch 32, 4 epochs

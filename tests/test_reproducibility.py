@@ -50,8 +50,8 @@ def test_two_in_process_runs_give_identical_tensors(method):
 
 def test_head_initialisation_comes_from_the_run_seed(tmp_path, monkeypatch):
     """Two loads of the base model for the same seed give the same new head; another seed another."""
+    from stages.common.adapted import load_base
     from stages.common.params import load_params
-    from stages.common.pipeline import load_base
 
     repo = scratch_repo(tmp_path / "r", git=False)
     monkeypatch.chdir(repo)

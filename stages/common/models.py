@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +133,6 @@ def _convert_smollm2(gguf_dir: Path, target: Path) -> None:
     every reload as a quantized model (``.float()`` raises). A marker records which conversion
     wrote the folder so a stale cache is rebuilt instead of trusted.
     """
-    import sys
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,7 +195,6 @@ def init_head_at_prior(model: nn.Module, head_modules: list[str], prior: dict | 
     steps (STS-B dev Pearson 0.05 with a zero bias, 0.84 from the mean); on CoLA the head sat at the
     label entropy for the whole run. Returns whether a bias was set.
     """
-    import math
 
     import torch
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,6 @@ def build(model_dir: Path, task: Task, dev: pd.DataFrame | None = None) -> Serve
 
 def pip_requirements() -> list[str]:
     """Pinned from this environment: skips MLflow's slow requirement inference."""
-    from importlib.metadata import version
 
     return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "transformers", "safetensors")]
 

@@ -61,7 +61,7 @@ def check_model_shapes(params: Params, ref_path: str | None = None) -> int | Non
     ``ref_path``: the resolved model folder (prepare passes it); otherwise the model is resolved
     without converting anything. Returns the number of targets checked (None: nothing to check yet)."""
     from lora_ops.targets import find_targets
-    from stages.common.pipeline import method_context
+    from stages.common.context import method_context
     from stages.common.tasks import get_task, is_lm
 
     path = _model_path(params, ref_path)
