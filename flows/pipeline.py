@@ -27,8 +27,10 @@ import fcntl
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,9 +40,16 @@ import yaml
 from prefect import flow, get_run_logger, task
 
 from stages.common.git_identity import commit_identity
-from stages.common.params import ConfigError, Params, load_params
-from stages.common.tracking import flatten, git_commit, params_hash, store_lock, tracking_uri
-from stages.common.workspace import origin_root
+from stages.common.params import ConfigError, Params, load_params, set_dotted
+from stages.common.paths import Paths, read_output
+from stages.common.tracking import (
+    experiment_id,
+    git_commit,
+    log_params,
+    params_hash,
+    store_lock,
+    tracking_uri,
+)
 
 STAGES = ["resolve", "prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate", "promote"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,13 +113,7 @@ def _set_overrides(path: Path, overrides: dict[str, Any]) -> None:
         type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     data = yml.load(path.read_text())
     for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            if node.get(p) is None:
-                node[p] = {}
-            node = node[p]
-        node[leaf] = value
+        set_dotted(data, key, value)
     with open(path, "w") as fh:
         yml.dump(data, fh)
 
@@ -182,7 +185,6 @@ STOP_GRACE_S = 120  # how long a stopped stage may take to write its checkpoint 
 def _stop_stage(proc: subprocess.Popen) -> None:
     """SIGTERM the stage under ``dvc`` (not DVC, not the shell DVC runs it in, so that both wait for the
     stage and DVC records its failure), wait for it to checkpoint and exit, kill whatever is left."""
-    import signal
 
     import psutil  # a dependency of dvc
 
@@ -213,7 +215,6 @@ def _run_stoppable(cmd: list[str], repo: str, env: dict[str, str], stage: str) -
     would run on, unseen. Instead the stage gets SIGTERM (finetune checkpoints at the next step and
     exits 143), DVC records the failure, and the run ends FAILED via :class:`StageStopped`, never
     retried. A cancellation that Prefect's runner announced keeps its own exception (CANCELLED)."""
-    import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=out, stderr=err, text=True)
@@ -300,21 +301,12 @@ class ParentRun:
         name = params.tracking.experiment
         with store_lock(tracking_uri(root)):  # another process may be creating the store right now
             self.client = MlflowClient(tracking_uri(root))  # (constructing the client already opens it)
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:  # same location rule as StageRun, so stage and flow agree
-                artifacts = os.environ.get("LORA_SIEVE_ARTIFACTS") or (origin_root(root) / "mlartifacts").as_uri()
-                self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
-            else:
-                self.experiment_id = exp.experiment_id
+            self.experiment_id = experiment_id(self.client, name, root)
         self.run_id = self.client.create_run(self.experiment_id, tags={
             "mlflow.runName": run_name, "pipeline": "true", "git_commit": git_commit(root),
             "params_hash": params_hash(dump), "method": params.method.name, "task": params.task.name,
             "model": params.model.name, **tags}).info.run_id
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:500]) for k, v in flatten(dump).items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        log_params(self.client, self.run_id, dump)
 
     def finish(self, metrics: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> None:
         from mlflow.entities import Metric
@@ -345,13 +337,6 @@ class ParentRun:
                 if attempt + 1 < attempts:
                     time.sleep(delay)
         return False
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _flow_run_name() -> str:
@@ -391,10 +376,9 @@ def pipeline(overrides: dict[str, Any] | None = None, repo: str = str(ROOT), sta
             statuses: dict[str, str] = {}
             for stage in selected:
                 statuses[stage] = run_stage.with_options(retries=retries)(stage, str(root), env)
-            metrics = {**_read_json(root / "data" / "evaluate" / "metrics.json"),
-                       **_read_json(root / "data" / "evaluate" / "timings.json")}
-            decision = _read_json(root / "data" / "promote" / "decision.json")
-            summary = _read_json(root / "data" / "finetune" / "summary.json")
+            metrics = {**read_output(root, Paths.metrics), **read_output(root, Paths.timings)}
+            decision = read_output(root, Paths.decision)
+            summary = read_output(root, Paths.finetune_summary)
             finetune = {k: summary.get(k) for k in ("steps", "seconds", "peak_rss_mb", "peak_cuda_mb", "controller",
                                                     "parameters", "best")}
             saved = save_experiment(str(root), exp_name) if save_as_experiment else None

@@ -87,6 +87,25 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def experiment_id(client: Any, name: str, root: Path) -> str:
+    """The id of MLflow experiment ``name``, created when missing: its artifacts go to ``LORA_SIEVE_ARTIFACTS``
+    or the origin repository's ``mlartifacts`` (one rule for stages, flows and reports, so they agree)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = os.environ.get("LORA_SIEVE_ARTIFACTS") or (origin_root(root) / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """``params`` flattened (dotted keys, values cut to MLflow's 500 characters), 100 per call (its limit)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:500]) for k, v in flatten(params).items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
 def params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -119,13 +138,8 @@ class StageRun:
                 if delivered or pending:
                     print(f"{self.stage}: delivered {delivered} tracking call(s) an earlier stage could not log"
                           + (f"; {pending} still pending" if pending else ""), file=sys.stderr)
-            name = self.params.get("tracking", {}).get("experiment", "lora-sieve")
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                artifacts = os.environ.get("LORA_SIEVE_ARTIFACTS") or (origin_root(self.root) / "mlartifacts").as_uri()
-                exp_id = self.client.create_experiment(name, artifact_location=artifacts)
-            else:
-                exp_id = exp.experiment_id
+            exp_id = experiment_id(self.client, self.params.get("tracking", {}).get("experiment", "lora-sieve"),
+                                   self.root)
         self.experiment_id = exp_id
         commit = git_commit(self.root)
         hashes = dvc_stage_hashes(self.root)
@@ -134,8 +148,7 @@ class StageRun:
                 "git_commit": commit, "method": self.params.get("method", {}).get("name", ""),
                 **{f"dvc.stage_hash.{k}": v for k, v in hashes.items()}}
         self.run_id = self.client.create_run(exp_id, tags=tags).info.run_id
-        flat = {k: str(v)[:500] for k, v in flatten(self.params).items()}
-        self._log_params(self.run_id, flat)
+        log_params(self.client, self.run_id, self.params)
         return self
 
     def _parent(self, exp_id: str, commit: str) -> str:
@@ -160,17 +173,10 @@ class StageRun:
             "pipeline": "true", "git_commit": commit, "params_hash": params_hash(self.params), "method": method,
             "task": task, "model": self.params.get("model", {}).get("name", "")})
         pid = parent.info.run_id
-        self._log_params(pid, {k: str(v)[:500] for k, v in flatten(self.params).items()})
+        log_params(self.client, pid, self.params)
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(json.dumps({"run_id": pid}))
         return pid
-
-    def _log_params(self, run_id: str, flat: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in flat.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
 
     # ---------------------------------------------------------------- logging
     # Every call after the run exists goes through _send: when the tracking server stops answering
