@@ -41,7 +41,7 @@ def _git(repo: Path, *args: str) -> None:
 
 def _experiment(repo: Path, loss_scale: float, rows: list[dict]) -> None:
     """Write the evaluate stage's plots exactly as it does (same functions), for one fake run."""
-    from stages.evaluate import plot_loss, plot_structure
+    from stages.common.plots import plot_loss, plot_structure
 
     plots = repo / "data/evaluate/plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def test_dvc_plots_diff_draws_two_experiments_in_one_chart(tmp_path):
 
 
 def test_structure_data_for_a_method_without_learned_structure_is_empty(tmp_path):
-    from stages.evaluate import plot_structure
+    from stages.common.plots import plot_structure
 
     plot_structure([], "lora", tmp_path / "structure.png")
     assert json.loads((tmp_path / "structure.json").read_text()) == []

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -72,28 +74,34 @@ def evaluate_features(model: nn.Module, features: dict[str, torch.Tensor], task:
 
 
 @torch.no_grad()
+def median_forward_seconds(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: str) -> float:
+    """Median seconds of one forward over ``batches`` (moved to ``device``); the first is an untimed
+    warm-up, and CUDA is synchronised around every timed forward."""
+    model.eval()
+    times: list[float] = []
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**batch)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    return float(torch.tensor(times).median())
+
+
 def latency_per_batch(model: nn.Module, features: dict[str, torch.Tensor], batch_size: int, batches: int,
                       device: str) -> float:
-    """Median seconds per forward of one batch (after one warm-up batch)."""
-    model.eval()
+    """Median seconds per forward of one evaluation batch (after one warm-up batch)."""
     source = BatchSource({k: v for k, v in features.items() if k != "labels"}, batch_size, shuffle=False)
-    times: list[float] = []
-    first = True
-    while len(times) < batches:  # cycle over the data when it has fewer batches than requested
-        for batch in source.batches():
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(**batch)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if not first:
-                times.append(time.perf_counter() - start)
-            first = False
-            if len(times) >= batches:
-                break
-    return float(torch.tensor(times).median())
+
+    def cycled() -> Iterator[dict[str, torch.Tensor]]:  # the data again when it has fewer batches than asked
+        while True:
+            yield from source.batches()
+
+    return median_forward_seconds(model, itertools.islice(cycled(), batches + 1), device)
 
 
 def plain_lora_parameters(targets: list[Target], rank: int) -> int:
