@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import re
 import sys
 import time
 from itertools import product
@@ -27,10 +24,11 @@ import pandas as pd
 from prefect import flow, get_run_logger
 
 from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, validate_overrides
+from flows.report import fmt, fmt_int, log_report_run
 from stages.common.io import atomic_path
 from stages.common.params import ConfigError
-from stages.common.tracking import git_commit, tracking_uri
-from stages.common.workspace import origin_root
+from stages.common.plots import pyplot, save_png
+from stages.common.tracking import git_commit
 
 COLUMNS = ["task", "method", "seed", "metric", "score", "validation_score", "trivial_score", "trainable_params", "stored_params", "pct_of_lora",
            "train_seconds", "peak_rss_mb", "peak_cuda_mb", "latency_merged_ms", "experiment", "mlflow_run_id"]
@@ -65,14 +63,6 @@ def row(result: dict[str, Any], seed: int, task: str, method: str) -> dict[str, 
     }
 
 
-def _fmt_int(v: Any) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{int(round(v)):,}"
-
-
-def _fmt(v: Any, digits: int = 1) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
 def markdown(df: pd.DataFrame, header: str) -> str:
     """Mean (± std over seeds when there are several) per task and method."""
     lines = [header, "",
@@ -88,24 +78,20 @@ def markdown(df: pd.DataFrame, header: str) -> str:
         shown = f"{score.mean():.4f}"
         if len(g) > 1:
             shown += f" ± {score.std(ddof=1):.4f} (n={len(g)})"
-        cells = [task, method, g["metric"].iloc[0], shown, _fmt(g["trivial_score"].astype(float).mean(), 4),
-                 _fmt_int(g["trainable_params"].mean()),
-                 _fmt_int(g["stored_params"].mean()), _fmt(g["pct_of_lora"].mean()),
-                 _fmt(g["train_seconds"].mean()), _fmt(g["peak_rss_mb"].mean(), 0)]
+        cells = [task, method, g["metric"].iloc[0], shown, fmt(g["trivial_score"].astype(float).mean(), 4),
+                 fmt_int(g["trainable_params"].mean()),
+                 fmt_int(g["stored_params"].mean()), fmt(g["pct_of_lora"].mean()),
+                 fmt(g["train_seconds"].mean()), fmt(g["peak_rss_mb"].mean(), 0)]
         if cuda:
-            cells.append(_fmt(g["peak_cuda_mb"].mean(), 0))
-        cells.append(_fmt(g["latency_merged_ms"].mean(), 2))
+            cells.append(fmt(g["peak_cuda_mb"].mean(), 0))
+        cells.append(fmt(g["latency_merged_ms"].mean(), 2))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
     """Left: task metric per method (error bars over seeds). Right: metric against trainable params."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks = list(dict.fromkeys(df["task"]))
     methods = list(dict.fromkeys(df["method"]))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -133,40 +119,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-def _log_mlflow(root: Path, experiment: str, files: list[Path], df: pd.DataFrame, tags: dict[str, str],
-                kind: str = "compare") -> str:
-    """One MLflow run holding the report files (under ``<kind>/``) and the mean metrics per task and method."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri(root))
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=os.environ.get("LORA_SIEVE_ARTIFACTS") or (origin_root(root) / "mlartifacts").as_uri())
-    run_id = client.create_run(exp_id, tags={"mlflow.runName": f"{kind} {time.strftime('%Y-%m-%d %H:%M')}",
-                                             kind: "true", **tags}).info.run_id
-    ts = int(time.time() * 1000)
-    items = []
-    for (task, method), g in df.groupby(["task", "method"], sort=False):
-        for col in ("score", "trainable_params", "stored_params", "bops_ratio_adapter", "train_seconds",
-                    "peak_rss_mb", "latency_merged_ms"):
-            if col not in g:
-                continue
-            value = g[col].astype(float).mean()
-            if not math.isnan(value):
-                # MLflow metric names allow letters, digits, _ - . space : / (a variant's [k=v] does not pass)
-                key = re.sub(r"[^A-Za-z0-9_\-. :/]+", "_", f"{task}.{method}.{col}")
-                items.append(Metric(key, float(value), ts, 0))
-    client.log_batch(run_id, metrics=items)
-    for f in files:
-        client.log_artifact(run_id, str(f), kind)
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
+    save_png(fig, path)
 
 
 @flow(name="lora-sieve-compare", log_prints=True)
@@ -203,7 +156,7 @@ def compare(methods: list[str], tasks: list[str] | None = None, seeds: list[int]
     with atomic_path(files[0]) as tmp:
         tmp.write_text(markdown(df, header))
     plot(df, files[2])
-    run_id = _log_mlflow(root, p0.tracking.experiment, files, df,
+    run_id = log_report_run(root, p0.tracking.experiment, files, df,
                          {"methods": ",".join(methods), "overrides": json.dumps(base, default=str)[:5000]})
     print(markdown(df, header))
     return {"rows": rows, "files": [str(f) for f in files], "mlflow_run_id": run_id}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -30,12 +31,13 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from flows.compare import _fmt, _fmt_int, _log_mlflow
 from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, validate_overrides
+from flows.report import fmt, fmt_int, log_report_run
 from lora_ops.methods import get_method
 from lora_ops.methods.base import method_class, reference_method
 from stages.common.io import atomic_path
 from stages.common.params import ConfigError, Params
+from stages.common.plots import pyplot, save_png
 from stages.common.tracking import git_commit
 
 #: what every run has; a method's own figures (Method.figure_labels) are the other columns
@@ -128,7 +130,6 @@ def with_earlier_rows(df: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
 
 def exp_name(task: str, label: str, seed: int, lr: float, stamp: str) -> str:
     """A DVC experiment name (letters, digits, - and _ only) for one study run."""
-    import re
 
     return re.sub(r"[^A-Za-z0-9_-]+", "-", f"study-{task}-{label}-s{seed}-lr{lr:g}-{stamp}").strip("-")
 
@@ -217,7 +218,7 @@ def fmt_figure(v: Any) -> str:
     """A method's figure in the report: counts as integers, ratios to three decimals."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    return _fmt_int(v) if float(v) == int(v) or abs(float(v)) >= 10 else _fmt(v, 3)
+    return fmt_int(v) if float(v) == int(v) or abs(float(v)) >= 10 else fmt(v, 3)
 
 
 def markdown(df: pd.DataFrame, header: str, command: str) -> str:
@@ -229,20 +230,20 @@ def markdown(df: pd.DataFrame, header: str, command: str) -> str:
     reference = s[s["method"] == reference_method()]
     lora_stored = {t: float(g["stored_mean"].iloc[0]) for t, g in reference.groupby("task")}
     for _, r in s.iterrows():
-        stored = _fmt_int(r["stored_mean"]) + (f" ± {_fmt_int(r['stored_std'])}" if r["stored_std"] else "")
+        stored = fmt_int(r["stored_mean"]) + (f" ± {fmt_int(r['stored_std'])}" if r["stored_std"] else "")
         lines.append("| " + " | ".join([
             r["task"], r["method"], r["metric"], f"{r['score_mean']:.4f} ± {r['score_std']:.4f}", str(r["n"]),
-            f"{r['lr']:.1e}", _fmt(r["validation_mean"], 4), stored,
-            _fmt(100 * r["stored_mean"] / lora_stored[r["task"]] if r["task"] in lora_stored else None),
-            _fmt(r["pct_of_lora"]),
-            *(fmt_figure(r[c]) for c in figures), _fmt(r["train_seconds"]),
-            _fmt(r["peak_rss_mb"], 0)]) + " |")
+            f"{r['lr']:.1e}", fmt(r["validation_mean"], 4), stored,
+            fmt(100 * r["stored_mean"] / lora_stored[r["task"]] if r["task"] in lora_stored else None),
+            fmt(r["pct_of_lora"]),
+            *(fmt_figure(r[c]) for c in figures), fmt(r["train_seconds"]),
+            fmt(r["peak_rss_mb"], 0)]) + " |")
     lines += ["", "Learning-rate sweep (first seed; chosen on the validation split, dev shown for reference):", "",
               "| task | method | lr factor | lr | validation | dev | chosen |", "|---|---|---|---|---|---|---|"]
     first = df.groupby(["task", "method"], sort=False)["seed"].transform("first")
     for _, r in df[df["seed"] == first].iterrows():
         lines.append(f"| {r['task']} | {r['method']} | {r['lr_factor']:g} | {r['lr']:.1e} | "
-                     f"{_fmt(r['validation_score'], 4)} | {_fmt(r['score'], 4)} | {'yes' if r['selected'] else ''} |")
+                     f"{fmt(r['validation_score'], 4)} | {fmt(r['score'], 4)} | {'yes' if r['selected'] else ''} |")
     peers = peer_rows(s)
     if peers:
         lines += ["", "Against PEFT's own alternatives (`eva`: EVA initialisation and rank redistribution; "
@@ -261,11 +262,7 @@ def markdown(df: pd.DataFrame, header: str, command: str) -> str:
 def pareto_chart(df: pd.DataFrame, path: Path) -> None:
     """Dev metric against stored adapter parameters: one point per method (error bars: std over seeds),
     the Pareto frontier (fewest parameters for the quality) drawn through the non-dominated methods."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     s = summary(df)
     tasks = list(dict.fromkeys(s["task"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.6), squeeze=False)
@@ -289,9 +286,7 @@ def pareto_chart(df: pd.DataFrame, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- flow
@@ -381,7 +376,7 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     with atomic_path(files[0]) as tmp:
         tmp.write_text(markdown(df, header, command or "python -m flows.study ..."))
     pareto_chart(df, files[2])
-    run_id = _log_mlflow(root, p0.tracking.experiment, files, df[df["selected"]], kind="study", tags={
+    run_id = log_report_run(root, p0.tracking.experiment, files, df[df["selected"]], kind="study", tags={
                          "study": "true", "methods": ",".join(methods), "seeds": ",".join(map(str, seeds)),
                           "overrides": json.dumps(base, default=str)[:5000]})
     print(markdown(df, header, command))
