@@ -1,0 +1,35 @@
+"""One set of training defaults: the loop's TrainConfig; the schema derives its own, params.yaml states them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from lora_ops.training import TrainConfig
+from stages.common.context import SHARED_TRAIN_FIELDS, train_config
+from stages.common.params import TrainParams, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_schema_defaults_are_the_loops():
+    loop, schema = TrainConfig(), TrainParams()
+    differing = {f: (getattr(schema, f), getattr(loop, f)) for f in SHARED_TRAIN_FIELDS
+                 if f != "select_metric" and getattr(schema, f) != getattr(loop, f)}
+    assert not differing
+
+
+def test_params_yaml_states_the_defaults():
+    stated = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
+    defaults = TrainParams().model_dump()
+    assert {k: v for k, v in stated.items() if defaults[k] != v} == {}
+
+
+def test_train_config_takes_every_shared_field_from_params():
+    params = load_params(REPO / "params.yaml", {"train.epochs": 3, "train.lr": 2e-3, "train.max_steps": 7})
+    cfg = dataclasses.asdict(train_config(params))
+    assert {f: cfg[f] for f in SHARED_TRAIN_FIELDS - {"select_metric"}} == \
+        params.train.model_dump(include=set(SHARED_TRAIN_FIELDS - {"select_metric"}))
+    assert cfg["select_metric"] == "accuracy"  # "main" resolved for SST-2
