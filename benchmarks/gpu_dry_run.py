@@ -1,4 +1,4 @@
-"""The bodies of tests/test_cuda.py on the CPU: what ``gpu_suite.sh --dry-run`` checks without a GPU.
+"""The bodies of tests/lora_ops/training/test_cuda.py on the CPU: what ``gpu_suite.sh --dry-run`` checks without a GPU.
 
 The cuda tests are skipped where no GPU exists; their helpers take the device as an argument, so
 every path (adapter kernels fp32 / bf16 against the CPU, training with checkpoint, resume and merge,
@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "lora_ops" / "training")]
 
 import test_cuda as tc  # noqa: E402
 

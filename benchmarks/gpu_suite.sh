@@ -43,9 +43,9 @@ print("gpus:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_c
 PY
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-echo; echo "== 1/2 pytest -m cuda tests/test_cuda.py"
+echo; echo "== 1/2 pytest -m cuda tests/lora_ops/training/test_cuda.py"
 START=$SECONDS
-timeout 200 $PY -m pytest -m cuda -rs -q -p no:cacheprovider tests/test_cuda.py
+timeout 200 $PY -m pytest -m cuda -rs -q -p no:cacheprovider tests/lora_ops/training/test_cuda.py
 TEST_RC=$?
 echo "pytest exit $TEST_RC after $((SECONDS - START)) s"
 if [[ $DRY == 1 ]]; then

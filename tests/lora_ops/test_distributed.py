@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from method_cases import build_case, load_state, save_state
+from support.method_cases import build_case, load_state, save_state
 
 from lora_ops import available_methods
 

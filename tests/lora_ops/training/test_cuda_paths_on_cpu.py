@@ -1,6 +1,6 @@
 """The bodies of the ``cuda`` tests, run on the CPU so CI checks them where no GPU exists.
 
-``tests/test_cuda.py`` is skipped without a GPU; its helpers take the device as an argument, so
+``tests/lora_ops/training/test_cuda.py`` is skipped without a GPU; its helpers take the device as an argument, so
 the same checks (adapter kernels under fp32/bf16 against the reference, training with checkpoint,
 resume and merge, fp16 with the loss scaler, a gradient-checkpointed causal LM) run here on ``cpu``.
 """

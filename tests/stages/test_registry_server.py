@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from services import FlakyProxy, mlflow_server, service_env
+from support.services import FlakyProxy, mlflow_server, service_env
 
 from stages.common.registry import CHALLENGER, CHAMPION, PREVIOUS, Limits, aliases, register_and_decide
 

@@ -8,7 +8,7 @@ import importlib
 import json
 
 import pytest
-from helpers import scratch_repo
+from support.helpers import scratch_repo
 
 from lora_ops import available_methods
 

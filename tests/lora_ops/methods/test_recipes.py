@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from method_cases import build_case
+from support.method_cases import build_case
 
 from lora_ops.adapters.blora import blora_layers
 from lora_ops.data import BatchSource

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import yaml
+from support.helpers import REPO
 
 from lora_ops.training import TrainConfig
 from stages.common.context import SHARED_TRAIN_FIELDS, train_config
 from stages.common.params import TrainParams, load_params
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_schema_defaults_are_the_loops():

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import IDENTITY_VARS
+from support.helpers import IDENTITY_VARS
 
 from stages.common.git_identity import FALLBACK_EMAIL, FALLBACK_NAME, commit_identity
 

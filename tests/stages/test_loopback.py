@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from helpers import REPO, env
+from support.helpers import REPO, env
 
 SERVER_COMMANDS = ("mlflow server", "mlflow ui", "mlflow models serve", "prefect server start")
 

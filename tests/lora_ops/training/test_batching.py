@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from method_cases import features
+from support.method_cases import features
 from test_training import _model as _lora_bert
 
 from lora_ops.data import BatchSource

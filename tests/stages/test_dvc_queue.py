@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import SHARED_DATA, USER_IDENTITY, run, scratch_repo
+from support.helpers import SHARED_DATA, USER_IDENTITY, run, scratch_repo
 
 
 def _named(tree, names: set[str], found: dict) -> None:

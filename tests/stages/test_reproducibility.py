@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import env, run, scratch_repo
-from method_cases import build_case
+from support.helpers import env, run, scratch_repo
+from support.method_cases import build_case
 
 from lora_ops import available_methods
 from lora_ops.data import BatchSource

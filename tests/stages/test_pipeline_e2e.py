@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 import torch
-from helpers import run, scratch_repo, set_params
+from support.helpers import run, scratch_repo, set_params
 
 pytestmark = pytest.mark.slow
 

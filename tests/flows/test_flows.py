@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from helpers import no_git_identity, run, scratch_repo
-from services import FlakyProxy, mlflow_server, prefect_server, service_env
+from support.helpers import no_git_identity, run, scratch_repo
+from support.services import FlakyProxy, mlflow_server, prefect_server, service_env
 
 from flows.compare import compare
 from flows.pipeline import STAGES, pipeline

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import SHARED_DATA, env, scratch_repo, set_params
+from support.helpers import SHARED_DATA, env, scratch_repo, set_params
 
 from stages.common.params import ConfigError, load_params
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import REPO
-from services import service_env
+from support.services import service_env
 
 DVC = str(Path(sys.executable).parent / "dvc")
 

@@ -1,4 +1,4 @@
-"""Run a stage with a simulated full disk: ``python tests/fault_inject.py SUBSTRING NTH -m stages.X``.
+"""Run a stage with a simulated full disk: ``python tests/support/fault_inject.py SUBSTRING NTH -m stages.X``.
 
 The NTH call of ``stages.common.io.atomic_path`` (the one writer every output and checkpoint goes
 through) whose target contains SUBSTRING lets the stage write its temporary, then cuts the largest

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import REPO, SHARED_DATA, env
 from safetensors.torch import save_file
+from support.helpers import REPO, SHARED_DATA, env
 
 from stages.common import runtime
 from stages.common.io import (
@@ -218,7 +218,7 @@ def test_loraprune_ratio_that_empties_a_layer(tmp_path, monkeypatch, tiny_llama)
 
 
 def test_prepare_refuses_impossible_rank_and_writes_nothing(tmp_path):
-    from helpers import scratch_repo, set_params
+    from support.helpers import scratch_repo, set_params
 
     repo = scratch_repo(tmp_path / "repo", git=False)
     set_params(repo, {"adapter.rank": 100000})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("LORA_SIEVE_DATA", REPO.parent / "shared" / "data")).resolve()
 SKIP = {".venv", ".git", "mlflow.db", "mlartifacts", "mlruns", ".lora_sieve", ".pytest_cache", ".ruff_cache",
         "__pycache__", ".dvc/cache", ".dvc/tmp", "dvc.lock"}

@@ -20,8 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import env, run, scratch_repo
-from services import RestartableMlflow, mlflow_server, prefect_server
+from support.helpers import REPO, env, run, scratch_repo
+from support.services import RestartableMlflow, mlflow_server, prefect_server
 
 CHECKPOINT = Path(".lora_sieve") / "checkpoints" / "finetune.json"
 STEPS = 30
@@ -85,7 +85,7 @@ def test_disk_full_while_checkpointing_keeps_previous_and_resumes(prepared, tmp_
     """Checkpoint 2 (step 4) hits ENOSPC in its tensor file (3rd write) or its JSON commit (4th):
     the step-2 checkpoint stays the valid one, nothing else is left, the next run resumes from it."""
     repo = _copy(prepared, tmp_path)
-    proc = run([sys.executable, "tests/fault_inject.py", str(CHECKPOINT.parent), str(nth), "-m", "stages.finetune"],
+    proc = run([sys.executable, "tests/support/fault_inject.py", str(CHECKPOINT.parent), str(nth), "-m", "stages.finetune"],
                repo, check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = _error_lines(proc.stderr)
@@ -108,7 +108,7 @@ def test_disk_full_while_writing_merged_model_keeps_previous(trained, tmp_path):
     repo = _copy(trained, tmp_path)
     merged = repo / "data" / "merge" / "model"
     before = _tree_digest(merged)
-    proc = run([sys.executable, "tests/fault_inject.py", "data/merge/model", "1", "-m", "stages.merge"], repo,
+    proc = run([sys.executable, "tests/support/fault_inject.py", "data/merge/model", "1", "-m", "stages.merge"], repo,
                check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = _error_lines(proc.stderr)
@@ -241,8 +241,8 @@ def _race(url: str, name: str, unlocked: bool) -> list[dict]:
     start_at = time.time() + 12  # unused with the barrier below (kept for running the worker by hand)
     barrier = Path(tempfile.mkdtemp(prefix=f"barrier-{name}-"))
     worker_env = {**env(), "PROMOTE_BARRIER": str(barrier), "PROMOTE_WORKERS": "2"}
-    procs = [subprocess.Popen([sys.executable, "tests/promote_worker.py", url, name, str(score), str(start_at)]
-                              + (["--unlocked"] if unlocked else []), cwd=Path(__file__).resolve().parents[1],
+    procs = [subprocess.Popen([sys.executable, "tests/support/promote_worker.py", url, name, str(score), str(start_at)]
+                              + (["--unlocked"] if unlocked else []), cwd=REPO,
                               env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for score in (0.85, 0.90)]
     records = []
@@ -256,7 +256,7 @@ def _race(url: str, name: str, unlocked: bool) -> list[dict]:
 def test_two_concurrent_promotions(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(REPO))
     from stages.common.registry import CHAMPION, LOCK_SUFFIX, PREVIOUS, Limits, aliases, register_and_decide
 
     with mlflow_server(tmp_path / "mlflow") as url:

@@ -13,8 +13,8 @@ import sys
 import time
 
 import pytest
-from helpers import scratch_repo
-from services import prefect_server, service_env
+from support.helpers import scratch_repo
+from support.services import prefect_server, service_env
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """CUDA: every adapter kind and every method on a GPU, against the CPU.
 
 Marked ``cuda``: tests/conftest.py skips them, with the reason, where torch sees no GPU. Run them
-with ``pytest -m cuda tests/test_cuda.py`` (benchmarks/gpu_suite.sh does). They import only
+with ``pytest -m cuda tests/lora_ops/training/test_cuda.py`` (benchmarks/gpu_suite.sh does). They import only
 lora_ops, torch, transformers, safetensors and pytest (no stages/, DVC, MLflow or Prefect); lora_ops
 itself needs pydantic (method parameter models), which the suite installs from shipped wheels.
 
@@ -11,7 +11,7 @@ Tolerances (relative Frobenius error ``|got - want| / |want|`` over logits, loss
   Bayesian-LoRA ``BLORA_FP32_TOL`` = 1e-3: its fake-quantised activations round, and a value that
   lands on a rounding boundary on one device moves by one quantisation step.
 * bf16 autocast on CUDA vs fp32 on CPU: ``BF16_TOL`` = 5e-2 (bf16 keeps 8 significant bits; bf16
-  autocast on the CPU measured at most 2.2e-2, tests/test_precision.py).
+  autocast on the CPU measured at most 2.2e-2, tests/lora_ops/training/test_precision.py).
 * Bayesian-LoRA's quantizer-range gradients are not compared (they jump at rounding boundaries).
 
 The helpers take the device as an argument, so the same code runs on the CPU for a dry run
@@ -30,7 +30,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from adapter_cases import (  # noqa: E402
+from support.adapter_cases import (  # noqa: E402
     METHODS,
     assert_close_rel,
     build,

@@ -1,5 +1,5 @@
 """One promoter process for the concurrent-promotion test:
-``python tests/promote_worker.py URL NAME SCORE START_AT [--unlocked]``.
+``python tests/support/promote_worker.py URL NAME SCORE START_AT [--unlocked]``.
 
 It logs a tiny model folder as a run artifact, waits until wall-clock START_AT (so that two workers
 enter promotion together) and promotes it into NAME through a client that pauses 3 s after every

@@ -12,8 +12,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from helpers import scratch_repo
 from pydantic import Field
+from support.helpers import scratch_repo
 from torch import nn
 
 import flows.study as study_flow

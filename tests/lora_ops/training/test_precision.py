@@ -1,6 +1,6 @@
 """Mixed precision (bf16 / fp16 autocast, fp16 loss scaling) and gradient checkpointing, on CPU.
 
-The same code paths run on CUDA in tests/test_cuda.py; here they run where torch's CPU autocast
+The same code paths run on CUDA in tests/lora_ops/training/test_cuda.py; here they run where torch's CPU autocast
 supports them (bf16 always, fp16 in recent torch), with the adapters and the optimizer state fp32.
 """
 
@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from adapter_cases import METHODS, assert_close_rel, build, features, forward_backward, tiny_llama
+from support.adapter_cases import METHODS, assert_close_rel, build, features, forward_backward, tiny_llama
 
 from lora_ops.data import BatchSource
 from lora_ops.training import Controller, TrainConfig, TrainingInterrupted, train, trainable_state
@@ -220,7 +220,7 @@ def test_gradient_checkpointing_on_a_model_without_support_is_a_one_line_error()
 # ------------------------------------------------------------------------------------- params.yaml
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
-    from helpers import scratch_repo
+    from support.helpers import scratch_repo
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -233,7 +233,7 @@ def repo(tmp_path, monkeypatch):
     ({"train.gradient_checkpointing": True}, "train.gradient_checkpointing is for causal LMs; task 'sst2'"),
 ])
 def test_params_reject_bad_precision_and_checkpointing(repo, override, message):
-    from helpers import set_params
+    from support.helpers import set_params
 
     from stages.common.params import ConfigError, load_params
 
@@ -245,7 +245,7 @@ def test_params_reject_bad_precision_and_checkpointing(repo, override, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where no GPU exists")
 def test_params_reject_bf16_on_a_device_that_lacks_it(repo, monkeypatch):
-    from helpers import set_params
+    from support.helpers import set_params
 
     from stages.common.params import ConfigError, load_params
 
@@ -257,7 +257,7 @@ def test_params_reject_bf16_on_a_device_that_lacks_it(repo, monkeypatch):
 
 
 def test_params_reach_the_training_config(repo):
-    from helpers import set_params
+    from support.helpers import set_params
 
     from stages.common.context import method_context
     from stages.common.params import load_params

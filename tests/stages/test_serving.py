@@ -21,7 +21,7 @@ import torch
 import yaml
 from conftest import REPO, SHARED_DATA
 from safetensors.torch import save_file
-from services import _stop, _wait_healthy, free_port, service_env
+from support.services import _stop, _wait_healthy, free_port, service_env
 
 from lora_ops.export import serve_safe
 from lora_ops.methods import AdapterConfig, MethodContext, get_method
