@@ -1,9 +1,8 @@
-"""Shared fixtures: tiny random models (mechanics only) and the shared data mirror."""
+"""Shared fixtures: tiny random models (mechanics only) and a random batch; offline, no telemetry."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool (see stages/__init__.py)
 
@@ -18,8 +17,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("LORA_SIEVE_DATA", REPO.parent / "shared" / "data"))
+from support.tiny_training import random_batch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -52,14 +50,6 @@ def tiny_llama():
                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval()
-
-
-def random_batch(n: int = 4, seq: int = 12, vocab: int = 120, labels: int = 2, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (n, seq), generator=gen)
-    mask = torch.ones(n, seq, dtype=torch.long)
-    mask[0, seq // 2:] = 0  # one padded row
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, labels, (n,), generator=gen)}
 
 
 @pytest.fixture

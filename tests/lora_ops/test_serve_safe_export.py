@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batch
 from safetensors.torch import load_file, save_file
+from support.tiny_training import random_batch
 
 from lora_ops.adapters.base import adapter_layers
 from lora_ops.export import PREFIX, PeftExport, export_lora_family, serve_safe

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from support.helpers import REPO
 from support.services import service_env
 
 DVC = str(Path(sys.executable).parent / "dvc")

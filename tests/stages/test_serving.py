@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHARED_DATA
 from safetensors.torch import save_file
+from support.helpers import REPO, SHARED_DATA
 from support.services import _stop, _wait_healthy, free_port, service_env
 
 from lora_ops.export import serve_safe

@@ -1,12 +1,11 @@
 """Bone / Bat: exact maths, parity with PEFT's MiSS (``init_weights=True`` / ``"bat"``), export, merge."""
 
 import copy
-import json
 
 import pytest
 import torch
-from conftest import random_batch
 from pydantic import ValidationError
+from support.tiny_training import fresh_copy, random_batch, reload_with_peft
 from torch import nn
 
 from lora_ops.adapters.base import adapter_layers
@@ -256,8 +255,7 @@ def test_parameter_counts_match_block_shapes(tiny_bert, method):
 @pytest.mark.parametrize("model_name,method,block", [("tiny_bert", "bone", 10), ("tiny_bert", "bat", 16),
                                                      ("tiny_llama", "bone", 16), ("tiny_llama", "bat", 16)])
 def test_peft_export_reloads_with_identical_outputs(request, tmp_path, model_name, method, block):
-    peft = pytest.importorskip("peft")
-    from safetensors.torch import save_file
+    pytest.importorskip("peft")
 
     model = request.getfixturevalue(model_name)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -270,12 +268,7 @@ def test_peft_export_reloads_with_identical_outputs(request, tmp_path, model_nam
     assert export.config["peft_type"] == "MISS" and export.config["init_weights"] == PEFT_MODE[method]
     assert export.config["r"] == block
     assert all(k.startswith("base_model.model.") and k.endswith(".miss_block") for k in export.tensors)
-    (tmp_path / "adapter_config.json").write_text(json.dumps(export.config))
-    save_file(export.tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-    fresh = type(model)(model.config)
-    fresh.load_state_dict(base_state)
-    loaded = peft.PeftModel.from_pretrained(fresh.eval(), str(tmp_path)).eval()
+    loaded = reload_with_peft(export, fresh_copy(model, base_state), tmp_path)
     for name, layer in adapter_layers(model).items():  # every tensor really landed
         got = loaded.base_model.model.get_submodule(name).miss_block["default"]
         assert torch.equal(got, layer.block.detach())

@@ -5,43 +5,29 @@ import json
 
 import pytest
 import torch
-from conftest import random_batch
 from pydantic import ValidationError
+from support.tiny_training import (
+    InterruptAtStep,
+    adapt,
+    fresh_copy,
+    loss_and_accuracy,
+    random_batch,
+    reload_with_peft,
+    train_batches,
+)
 
 from lora_ops.adapters.adalora import AdaLoRALinear
 from lora_ops.adapters.base import adapter_layers
-from lora_ops.data import BatchSource
 from lora_ops.methods import AdapterConfig, MethodContext, get_method
 from lora_ops.rank_allocation import adalora_budget
-from lora_ops.targets import find_targets, freeze_all_but
+from lora_ops.targets import find_targets
 from lora_ops.training import TrainConfig, TrainingInterrupted, train, trainable_state
 
 M = 18  # tiny_bert: 3 layers x 6 linear types
 
 
-def _build(model, rank=2, alpha=8.0, **params):
-    method = get_method("adalora")
-    ctx = MethodContext(adapter=AdapterConfig(rank=rank, alpha=alpha), params=method.params_model(**params))
-    targets = find_targets(model, "all")
-    plan = method.decide([], targets, ctx)
-    method.build(model, targets, plan, ctx)
-    freeze_all_but(model, ["classifier"])
-    return method, ctx, plan
-
-
-def _data():
-    return BatchSource(random_batch(n=40, seed=5), batch_size=8, seed=1)
-
-
-def _eval(model):
-    b = random_batch(n=8, seed=9)
-    with torch.no_grad():
-        out = model(**b)
-    return {"loss": out.loss.item(), "accuracy": (out.logits.argmax(-1) == b["labels"]).float().mean().item()}
-
-
 def test_layer_init_and_forward(tiny_bert):
-    _, _, plan = _build(tiny_bert, rank=8, alpha=16)
+    _, _, plan = adapt(tiny_bert, "adalora", rank=8, alpha=16)
     assert plan["initial_rank"] == 12 and plan["target_budget"] == 8 * M
     layer = next(iter(adapter_layers(tiny_bert).values()))
     assert isinstance(layer, AdaLoRALinear) and layer.rank == 12 and layer.scale == pytest.approx(16 / 12)
@@ -68,7 +54,7 @@ def test_budget_schedule_at_given_steps():
 
 
 def test_sensitivity_uncertainty_and_triplet_scores_by_hand(tiny_bert):
-    method, ctx, plan = _build(tiny_bert, rank=2, beta1=0.8, beta2=0.7)
+    method, ctx, plan = adapt(tiny_bert, "adalora", rank=2, beta1=0.8, beta2=0.7)
     ctrl = method.controller(tiny_bert, plan, ctx)
     ctrl.bind(100)
     layers = list(adapter_layers(tiny_bert).values())
@@ -101,7 +87,7 @@ def test_sensitivity_uncertainty_and_triplet_scores_by_hand(tiny_bert):
 
 
 def test_orthogonality_regulariser_by_hand(tiny_bert):
-    method, ctx, plan = _build(tiny_bert, rank=2, orth_reg_weight=0.3)
+    method, ctx, plan = adapt(tiny_bert, "adalora", rank=2, orth_reg_weight=0.3)
     ctrl = method.controller(tiny_bert, plan, ctx)
     ctrl.bind(50)
     layers = list(adapter_layers(tiny_bert).values())
@@ -114,7 +100,7 @@ def test_orthogonality_regulariser_by_hand(tiny_bert):
 
 
 def test_controller_allocates_on_schedule_and_freezes(tiny_bert):
-    method, ctx, plan = _build(tiny_bert, rank=2, tinit=10, tfinal=40, delta_t=5)
+    method, ctx, plan = adapt(tiny_bert, "adalora", rank=2, tinit=10, tfinal=40, delta_t=5)
     ctrl = method.controller(tiny_bert, plan, ctx)
     ctrl.bind(100)
     layers = list(adapter_layers(tiny_bert).values())
@@ -148,9 +134,9 @@ def test_training_end_to_end_final_budget_and_resume(tiny_bert):
     params = {"rank": 2, "tinit": 0.1, "tfinal": 0.4, "delta_t": 2}
 
     def run(model, **kw):
-        method, ctx, plan = _build(model, **params)
+        method, ctx, plan = adapt(model, "adalora", **params)
         ctrl = method.controller(model, plan, ctx)
-        return method, ctrl, train(model, _data(), cfg, controller=ctrl, evaluate=_eval, **kw)
+        return method, ctrl, train(model, train_batches(), cfg, controller=ctrl, evaluate=loss_and_accuracy, **kw)
 
     torch.manual_seed(3)
     model_a = copy.deepcopy(tiny_bert)
@@ -167,19 +153,13 @@ def test_training_end_to_end_final_budget_and_resume(tiny_bert):
                                    for n, m in layers.items())
     assert full.best["step"] >= 12
 
-    saved = {}
-
-    def kill(state):
-        saved["state"] = state
-        if state["step"] >= 7:
-            raise TrainingInterrupted("simulated kill")
-
+    kill = InterruptAtStep(7)
     torch.manual_seed(3)
     with pytest.raises(TrainingInterrupted):
         run(copy.deepcopy(tiny_bert), on_checkpoint=kill)
-    assert saved["state"]["controller"]["ipt"] is not None  # mid-allocation: EMAs travel with the checkpoint
+    assert kill.state["controller"]["ipt"] is not None  # mid-allocation: EMAs travel with the checkpoint
     model_c = copy.deepcopy(tiny_bert)
-    _, ctrl_c, resumed = run(model_c, resume=saved["state"])
+    _, ctrl_c, resumed = run(model_c, resume=kill.state)
     for k, v in trainable_state(model_a).items():
         torch.testing.assert_close(trainable_state(model_c)[k], v, rtol=0, atol=0)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
@@ -187,12 +167,10 @@ def test_training_end_to_end_final_budget_and_resume(tiny_bert):
 
 
 def test_peft_export_reloads_identically(tiny_bert, tmp_path):
-    peft = pytest.importorskip("peft")
-    from safetensors.torch import save_file
-    from transformers import BertForSequenceClassification
+    pytest.importorskip("peft")
 
     base_state = {k: v.clone() for k, v in tiny_bert.state_dict().items()}
-    method, ctx, plan = _build(tiny_bert, rank=2)
+    method, ctx, plan = adapt(tiny_bert, "adalora", rank=2)
     layers = adapter_layers(tiny_bert)
     names = list(layers)
     with torch.no_grad():
@@ -207,11 +185,7 @@ def test_peft_export_reloads_identically(tiny_bert, tmp_path):
     export = method.export_peft(tiny_bert, plan, ctx)
     assert names[4] not in export.config["target_modules"]
     assert {k.replace("\\", ""): v for k, v in export.config["rank_pattern"].items()} == {names[3]: 2}
-    (tmp_path / "adapter_config.json").write_text(json.dumps(export.config))
-    save_file(export.tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    fresh = BertForSequenceClassification(tiny_bert.config)
-    fresh.load_state_dict(base_state)
-    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    loaded = reload_with_peft(export, fresh_copy(tiny_bert, base_state), tmp_path)
     with torch.no_grad():
         theirs = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
@@ -230,6 +204,6 @@ def test_bad_inputs_fail_before_training(tiny_bert):
         method.decide([], targets, ctx(rank=0))
     with pytest.raises(ValidationError, match="phases overlap"):
         method.params_model(tinit=0.6, tfinal=0.5)
-    m, c, plan = _build(tiny_bert, rank=2, tinit=20, tfinal=15)
+    m, c, plan = adapt(tiny_bert, "adalora", rank=2, tinit=20, tfinal=15)
     with pytest.raises(ValueError, match="phases overlap"):
-        train(tiny_bert, _data(), TrainConfig(epochs=6, lr=5e-4, progress=False), controller=m.controller(tiny_bert, plan, c))
+        train(tiny_bert, train_batches(), TrainConfig(epochs=6, lr=5e-4, progress=False), controller=m.controller(tiny_bert, plan, c))

@@ -4,8 +4,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_batch
 from pydantic import ValidationError
+from support.tiny_training import InterruptAtStep, fresh_copy, random_batch, reload_with_peft
 from torch import nn
 
 from lora_ops.adapters.base import adapter_layers
@@ -324,9 +324,7 @@ def test_quantized_export_drops_masked_ranks_and_dequantizes_exactly(tiny_bert):
 
 
 def test_peft_float_export_loads_and_gap_is_measured(tiny_bert, tmp_path):
-    peft = pytest.importorskip("peft")
-    from safetensors.torch import save_file
-    from transformers import BertForSequenceClassification
+    pytest.importorskip("peft")
 
     base_state = {k: v.clone() for k, v in tiny_bert.state_dict().items()}
     method, ctx, plan, layers = _trained_like(tiny_bert)
@@ -336,11 +334,7 @@ def test_peft_float_export_loads_and_gap_is_measured(tiny_bert, tmp_path):
     ranks = {n: lay.effective_rank() for n, lay in layers.items()}
     for n, r in ranks.items():
         assert export.tensors[f"base_model.model.{n}.lora_A.weight"].shape[0] == r
-    (tmp_path / "adapter_config.json").write_text(json.dumps(export.config))
-    save_file(export.tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    fresh = BertForSequenceClassification(tiny_bert.config)
-    fresh.load_state_dict(base_state)
-    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    loaded = reload_with_peft(export, fresh_copy(tiny_bert, base_state), tmp_path)
     with torch.no_grad():
         theirs = loaded(**batch).logits
         with float_lora_mode(tiny_bert):
@@ -406,19 +400,13 @@ def test_resume_reproduces_gates_ranges_and_controller(tiny_bert):
     torch.manual_seed(7)
     model_a, ctl_a = build(copy.deepcopy(tiny_bert))
     train(model_a, data(), cfg, controller=ctl_a)
-    saved = {}
-
-    def kill(state):
-        saved["state"] = state
-        if state["step"] >= 2:
-            raise TrainingInterrupted("simulated kill")
-
+    kill = InterruptAtStep(2)
     torch.manual_seed(7)
     model_b, ctl_b = build(copy.deepcopy(tiny_bert))
     with pytest.raises(TrainingInterrupted):
         train(model_b, data(), cfg, controller=ctl_b, on_checkpoint=kill)
     model_c, ctl_c = build(copy.deepcopy(tiny_bert))  # fresh: ranges unset until the checkpoint loads
-    train(model_c, data(), cfg, controller=ctl_c, resume=saved["state"])
+    train(model_c, data(), cfg, controller=ctl_c, resume=kill.state)
     sa, sc = trainable_state(model_a), trainable_state(model_c)
     assert any("initialized" in k for k in sa)
     for k in sa:

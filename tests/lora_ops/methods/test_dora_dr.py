@@ -5,33 +5,26 @@ import json
 
 import pytest
 import torch
-from conftest import random_batch
 from pydantic import ValidationError
+from support.tiny_training import (
+    InterruptAtStep,
+    adapt,
+    fresh_copy,
+    loss_and_accuracy,
+    random_batch,
+    reload_with_peft,
+    train_batches,
+)
 
 from lora_ops.adapters.base import adapter_layers
 from lora_ops.adapters.dora_dr import DoRADRLinear
-from lora_ops.data import BatchSource
 from lora_ops.methods import AdapterConfig, MethodContext, get_method
 from lora_ops.methods.dora_dr import DoRADRController
 from lora_ops.rank_allocation import dora_budget, dora_pruned_count, global_prune, resolve_step
-from lora_ops.targets import find_targets, freeze_all_but, unload
+from lora_ops.targets import find_targets, unload
 from lora_ops.training import TrainConfig, TrainingInterrupted, train, trainable_state
 
 M = 18  # tiny_bert: 3 layers x 6 linear types
-
-
-def _build(model, rank=2, alpha=8.0, **params):
-    method = get_method("dora_dr")
-    ctx = MethodContext(adapter=AdapterConfig(rank=rank, alpha=alpha), params=method.params_model(**params))
-    targets = find_targets(model, "all")
-    plan = method.decide([], targets, ctx)
-    method.build(model, targets, plan, ctx)
-    freeze_all_but(model, ["classifier"])
-    return method, ctx, plan
-
-
-def _data():
-    return BatchSource(random_batch(n=40, seed=5), batch_size=8, seed=1)
 
 
 def _randomize(model, seed=0):
@@ -44,7 +37,7 @@ def _randomize(model, seed=0):
 
 # ------------------------------------------------------------------ adapter
 def test_layer_init_forward_and_scale(tiny_bert):
-    _, _, plan = _build(tiny_bert, rank=8, alpha=16)
+    _, _, plan = adapt(tiny_bert, "dora_dr", rank=8, alpha=16)
     assert plan["initial_rank"] == 12 and plan["target_rank"] == 8 and plan["target_budget"] == 8 * M
     layer = next(iter(adapter_layers(tiny_bert).values()))
     assert isinstance(layer, DoRADRLinear) and layer.method == "dora_dr"
@@ -62,7 +55,7 @@ def test_layer_init_forward_and_scale(tiny_bert):
 
 
 def test_norm_identity_equals_materialised_components(tiny_bert):
-    _build(tiny_bert, rank=4)
+    adapt(tiny_bert, "dora_dr", rank=4)
     _randomize(tiny_bert)
     layer = next(iter(adapter_layers(tiny_bert).values()))
     with torch.no_grad():
@@ -113,7 +106,7 @@ def test_global_threshold_and_ties():
 
 def test_controller_prunes_on_schedule_and_freezes(tiny_bert):
     """Driven step by step with revived gates: active after each prune step is N - k(t)."""
-    method, ctx, plan = _build(tiny_bert, rank=2, t_start=10, t_end=50, prune_interval=10)
+    method, ctx, plan = adapt(tiny_bert, "dora_dr", rank=2, t_start=10, t_end=50, prune_interval=10)
     ctrl = method.controller(tiny_bert, plan, ctx)
     ctrl.bind(100)
     layers = list(adapter_layers(tiny_bert).values())
@@ -143,7 +136,7 @@ def test_controller_prunes_on_schedule_and_freezes(tiny_bert):
 
 
 def test_training_revival_before_te_not_after_and_final_budget(tiny_bert):
-    method, ctx, plan = _build(tiny_bert, rank=2, t_start=0.2, t_end=0.6, prune_interval=3, dem_weight=0.5)
+    method, ctx, plan = adapt(tiny_bert, "dora_dr", rank=2, t_start=0.2, t_end=0.6, prune_interval=3, dem_weight=0.5)
     zeros: dict[int, torch.Tensor] = {}
 
     class Recording(DoRADRController):
@@ -153,7 +146,7 @@ def test_training_revival_before_te_not_after_and_final_budget(tiny_bert):
 
     layers = {n: m for n, m in adapter_layers(tiny_bert).items()}
     ctrl = Recording(layers, 2, ctx.params)
-    result = train(tiny_bert, _data(), TrainConfig(epochs=6, lr=2e-2, progress=False), controller=ctrl)
+    result = train(tiny_bert, train_batches(), TrainConfig(epochs=6, lr=2e-2, progress=False), controller=ctrl)
     total = 30
     ts, te = 6, 18
     assert (ctrl.t_start, ctrl.t_end) == (ts, te)
@@ -183,7 +176,7 @@ def test_training_revival_before_te_not_after_and_final_budget(tiny_bert):
 
 
 def test_dem_value_by_hand(tiny_bert):
-    method, ctx, plan = _build(tiny_bert, rank=2, t_start=2, t_end=10, dem_weight=0.25)
+    method, ctx, plan = adapt(tiny_bert, "dora_dr", rank=2, t_start=2, t_end=10, dem_weight=0.25)
     ctrl = method.controller(tiny_bert, plan, ctx)
     ctrl.bind(20)
     layers = list(adapter_layers(tiny_bert).values())
@@ -206,27 +199,21 @@ def test_resume_after_kill_restores_controller_state(tiny_bert):
     params = {"rank": 2, "t_start": 0.2, "t_end": 0.6, "prune_interval": 2}
 
     def run(model, **kw):
-        method, ctx, plan = _build(model, **params)
+        method, ctx, plan = adapt(model, "dora_dr", **params)
         ctrl = method.controller(model, plan, ctx)
-        return ctrl, train(model, _data(), cfg, controller=ctrl, evaluate=_eval, **kw)
+        return ctrl, train(model, train_batches(), cfg, controller=ctrl, evaluate=loss_and_accuracy, **kw)
 
     torch.manual_seed(7)
     model_a = copy.deepcopy(tiny_bert)
     ctrl_a, full = run(model_a)
-    saved = {}
-
-    def kill(state):
-        saved["state"] = state
-        if state["step"] >= 7:
-            raise TrainingInterrupted("simulated kill")
-
+    kill = InterruptAtStep(7)
     torch.manual_seed(7)
     with pytest.raises(TrainingInterrupted):
         run(copy.deepcopy(tiny_bert), on_checkpoint=kill)
-    assert saved["state"]["step"] == 9 and saved["state"]["controller"]["keep"] is None  # mid-pruning
+    assert kill.state["step"] == 9 and kill.state["controller"]["keep"] is None  # mid-pruning
     torch.manual_seed(999)
     model_c = copy.deepcopy(tiny_bert)
-    ctrl_c, resumed = run(model_c, resume=saved["state"])
+    ctrl_c, resumed = run(model_c, resume=kill.state)
     for k, v in trainable_state(model_a).items():
         torch.testing.assert_close(trainable_state(model_c)[k], v, rtol=0, atol=0)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
@@ -242,21 +229,12 @@ def test_resume_after_kill_restores_controller_state(tiny_bert):
         ctrl_c.load_state_dict(state)
 
 
-def _eval(model):
-    b = random_batch(n=8, seed=9)
-    with torch.no_grad():
-        out = model(**b)
-    return {"loss": out.loss.item(), "accuracy": (out.logits.argmax(-1) == b["labels"]).float().mean().item()}
-
-
 # ------------------------------------------------------------------- export
 def test_peft_export_with_rank_pattern_reloads_identically(tiny_bert, tmp_path):
-    peft = pytest.importorskip("peft")
-    from safetensors.torch import save_file
-    from transformers import BertForSequenceClassification
+    pytest.importorskip("peft")
 
     base_state = {k: v.clone() for k, v in tiny_bert.state_dict().items()}
-    method, ctx, plan = _build(tiny_bert, rank=2)
+    method, ctx, plan = adapt(tiny_bert, "dora_dr", rank=2)
     _randomize(tiny_bert)
     layers = adapter_layers(tiny_bert)
     names = list(layers)
@@ -276,11 +254,7 @@ def test_peft_export_with_rank_pattern_reloads_identically(tiny_bert, tmp_path):
     alphas = {k.replace("\\", ""): v for k, v in cfg["alpha_pattern"].items()}
     assert alphas[names[2]] / 1 == pytest.approx(cfg["lora_alpha"] / cfg["r"])  # same scale alpha/r0
     assert export.tensors[f"base_model.model.{names[2]}.lora_A.weight"].shape == (1, 32)
-    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
-    save_file(export.tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    fresh = BertForSequenceClassification(tiny_bert.config)
-    fresh.load_state_dict(base_state)
-    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    loaded = reload_with_peft(export, fresh_copy(tiny_bert, base_state), tmp_path)
     with torch.no_grad():
         theirs = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
@@ -312,10 +286,10 @@ def test_bad_inputs_fail_before_training(tiny_bert):
     with pytest.raises(ValidationError, match="fraction"):
         method.params_model(t_end=1.5)
     # steps vs fractions only meet at bind(), which train() calls before the first step
-    m, c, plan = _build(tiny_bert, rank=2, t_start=25, t_end=0.5)
+    m, c, plan = adapt(tiny_bert, "dora_dr", rank=2, t_start=25, t_end=0.5)
     ctrl = m.controller(tiny_bert, plan, c)
     before = {k: v.clone() for k, v in trainable_state(tiny_bert).items()}
     with pytest.raises(ValueError, match="phases overlap"):
-        train(tiny_bert, _data(), TrainConfig(epochs=6, lr=5e-4, progress=False), controller=ctrl)
+        train(tiny_bert, train_batches(), TrainConfig(epochs=6, lr=5e-4, progress=False), controller=ctrl)
     for k, v in trainable_state(tiny_bert).items():
         assert torch.equal(v, before[k])

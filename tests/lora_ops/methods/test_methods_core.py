@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_batch
+from support.tiny_training import fresh_copy, random_batch, reload_with_peft
 
 from lora_ops.adapters.base import adapter_layers
 from lora_ops.adapters.lora import LoRALinear, LoRAPair
@@ -114,8 +114,7 @@ def test_lora_drop_calibration_leaves_model_untouched(tiny_bert):
 
 
 def test_peft_export_reloads_with_identical_outputs(tiny_bert, tmp_path):
-    peft = pytest.importorskip("peft")
-    from safetensors.torch import save_file
+    pytest.importorskip("peft")
 
     method, ctx = _ctx("lora_drop", threshold=0.5)
     targets = find_targets(tiny_bert, "all")
@@ -132,13 +131,7 @@ def test_peft_export_reloads_with_identical_outputs(tiny_bert, tmp_path):
     # shared pairs are cloned per module: no aliasing in the file
     ptrs = [t.data_ptr() for t in export.tensors.values()]
     assert len(set(ptrs)) == len(ptrs)
-    (tmp_path / "adapter_config.json").write_text(json.dumps(export.config))
-    save_file(export.tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    from transformers import BertForSequenceClassification
-
-    fresh = BertForSequenceClassification(tiny_bert.config)
-    fresh.load_state_dict(base_state)
-    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    loaded = reload_with_peft(export, fresh_copy(tiny_bert, base_state), tmp_path)
     with torch.no_grad():
         theirs = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)

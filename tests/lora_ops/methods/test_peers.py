@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from support.tiny_training import reload_with_peft
 
 from lora_ops.adapters.base import adapter_layers
 from lora_ops.data import BatchSource
@@ -254,14 +254,12 @@ def test_svd_trim_trains_as_lora_then_exports_and_merges_its_trimmed_update(tmp_
             assert export.tensors[key].shape[0] == k
             pattern = export.config["rank_pattern"].get(re.escape(name), export.config["r"])
             assert pattern == k
-    (tmp_path / "adapter_config.json").write_text(json.dumps(export.config))
-    save_file(export.tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
     with torch.no_grad():
         ours = model(**batch).logits
         merged = method.merged_model(copy.deepcopy(model), plan, ctx)
         torch.testing.assert_close(merged(**batch).logits, ours, rtol=1e-5, atol=1e-6)
     fresh = tiny_bert()
     fresh.classifier.load_state_dict(model.classifier.state_dict())
-    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    loaded = reload_with_peft(export, fresh, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, ours, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from support.method_cases import features
-from test_training import _model as _lora_bert
+from support.tiny_training import InterruptAtStep, with_lora
 
 from lora_ops.data import BatchSource
 from lora_ops.training import TrainConfig, TrainingInterrupted, train, trainable_state
@@ -66,7 +66,7 @@ def test_dynamic_padding_leaves_outputs_unchanged(tiny_bert):
     """Attention masks make padding inert: logits and loss equal fixed padding up to float rounding."""
     from stages.common.evaluation import predict
 
-    model = _lora_bert(tiny_bert)
+    model = with_lora(tiny_bert)
     with torch.no_grad():
         for layer in model.modules():
             if hasattr(layer, "lora_B"):
@@ -84,22 +84,16 @@ def test_resume_with_length_grouping_continues_the_same_batch_sequence(tiny_bert
     cfg = TrainConfig(epochs=3, lr=1e-2, checkpoint_every=4, progress=False)
     data = lambda: BatchSource(feats, 8, seed=1, group_by_length=True, bucket_batches=2)  # noqa: E731
     torch.manual_seed(7)
-    ref = _lora_bert(copy.deepcopy(tiny_bert), dropout=0.1)
+    ref = with_lora(copy.deepcopy(tiny_bert), dropout=0.1)
     full = train(ref, data(), cfg)
-    saved = {}
-
-    def kill_mid_epoch(state):
-        saved["state"] = state
-        if state["step"] >= 8:
-            raise TrainingInterrupted("simulated kill")
-
+    kill_mid_epoch = InterruptAtStep(8)
     torch.manual_seed(7)
     with pytest.raises(TrainingInterrupted):
-        train(_lora_bert(copy.deepcopy(tiny_bert), dropout=0.1), data(), cfg, on_checkpoint=kill_mid_epoch)
-    assert saved["state"]["batch_in_epoch"] == 2  # 6 batches per epoch: killed inside epoch 2
-    resumed_model = _lora_bert(copy.deepcopy(tiny_bert), dropout=0.1)
+        train(with_lora(copy.deepcopy(tiny_bert), dropout=0.1), data(), cfg, on_checkpoint=kill_mid_epoch)
+    assert kill_mid_epoch.state["batch_in_epoch"] == 2  # 6 batches per epoch: killed inside epoch 2
+    resumed_model = with_lora(copy.deepcopy(tiny_bert), dropout=0.1)
     torch.manual_seed(999)
-    resumed = train(resumed_model, data(), cfg, resume=saved["state"])
+    resumed = train(resumed_model, data(), cfg, resume=kill_mid_epoch.state)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     a, b = trainable_state(ref), trainable_state(resumed_model)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from support.adapter_cases import METHODS, assert_close_rel, build, features, forward_backward, tiny_llama
+from support.tiny_training import InterruptAtStep
 
 from lora_ops.data import BatchSource
 from lora_ops.training import Controller, TrainConfig, TrainingInterrupted, train, trainable_state
@@ -129,20 +130,14 @@ def test_fp16_training_with_scaler_resumes_exactly():
     cfg = _cfg(epochs=2, precision="fp16", checkpoint_every=3)
     full_model = copy.deepcopy(base.model)
     full = train(full_model, _data(), cfg, controller=base.method.controller(full_model, base.plan, base.ctx))
-    saved = {}
-
-    def kill(state):
-        saved["state"] = state
-        if state["step"] >= 6:
-            raise TrainingInterrupted("simulated kill")
-
+    kill = InterruptAtStep(6)
     killed = copy.deepcopy(base.model)
     with pytest.raises(TrainingInterrupted):
         train(killed, _data(), cfg, controller=base.method.controller(killed, base.plan, base.ctx), on_checkpoint=kill)
-    scaler_state = saved["state"]["scaler"]
+    scaler_state = kill.state["scaler"]
     assert scaler_state and scaler_state["scale"] > 1.0
     resumed_model = copy.deepcopy(base.model)
-    resumed = train(resumed_model, _data(), cfg, resume=saved["state"],
+    resumed = train(resumed_model, _data(), cfg, resume=kill.state,
                     controller=base.method.controller(resumed_model, base.plan, base.ctx))
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     sa, sb = trainable_state(full_model), trainable_state(resumed_model)

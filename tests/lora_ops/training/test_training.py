@@ -1,32 +1,16 @@
 import pytest
 import torch
-from conftest import random_batch
+from support.tiny_training import (
+    InterruptAtStep,
+    loss_and_accuracy,
+    random_batch,
+    train_batches,
+    with_lora,
+)
 
 from lora_ops.data import BatchSource, stratified_indices
-from lora_ops.methods import AdapterConfig, MethodContext, get_method
 from lora_ops.schedules import cubic_decay, cubic_rise, warmup_linear_decay
-from lora_ops.targets import find_targets, freeze_all_but
 from lora_ops.training import TrainConfig, TrainingInterrupted, train, trainable_state
-
-
-def _model(tiny_bert, dropout=0.1):
-    m = get_method("lora")
-    ctx = MethodContext(adapter=AdapterConfig(rank=4, alpha=8, dropout=dropout), params=m.params_model())
-    targets = find_targets(tiny_bert, "all")
-    m.build(tiny_bert, targets, m.decide([], targets, ctx), ctx)
-    freeze_all_but(tiny_bert, ["classifier"])
-    return tiny_bert
-
-
-def _data():
-    return BatchSource(random_batch(n=40, seed=5), batch_size=8, seed=1)
-
-
-def _eval(model):
-    b = random_batch(n=8, seed=9)
-    with torch.no_grad():
-        out = model(**b)
-    return {"loss": out.loss.item(), "accuracy": (out.logits.argmax(-1) == b["labels"]).float().mean().item()}
 
 
 def test_resume_after_kill_gives_identical_result(tiny_bert):
@@ -34,25 +18,19 @@ def test_resume_after_kill_gives_identical_result(tiny_bert):
 
     cfg = TrainConfig(epochs=3, lr=1e-2, checkpoint_every=3, progress=False, select_metric="accuracy")
     torch.manual_seed(7)
-    model_a = _model(copy.deepcopy(tiny_bert))
-    full = train(model_a, _data(), cfg, evaluate=_eval)
+    model_a = with_lora(copy.deepcopy(tiny_bert))
+    full = train(model_a, train_batches(), cfg, evaluate=loss_and_accuracy)
 
-    saved = {}
-
-    def kill_at_step_7(state):
-        saved["state"] = state
-        if state["step"] >= 7:
-            raise TrainingInterrupted("simulated kill")
-
+    kill = InterruptAtStep(7)
     torch.manual_seed(7)
-    model_b = _model(copy.deepcopy(tiny_bert))
+    model_b = with_lora(copy.deepcopy(tiny_bert))
     with pytest.raises(TrainingInterrupted):
-        train(model_b, _data(), cfg, evaluate=_eval, on_checkpoint=kill_at_step_7)
-    assert saved["state"]["step"] == 9  # killed mid-epoch (5 steps per epoch)
+        train(model_b, train_batches(), cfg, evaluate=loss_and_accuracy, on_checkpoint=kill)
+    assert kill.state["step"] == 9  # killed mid-epoch (5 steps per epoch)
     # a fresh process: new model object, state only from the checkpoint
-    model_c = _model(copy.deepcopy(tiny_bert))
+    model_c = with_lora(copy.deepcopy(tiny_bert))
     torch.manual_seed(999)  # the checkpoint's RNG state must win
-    resumed = train(model_c, _data(), cfg, evaluate=_eval, resume=saved["state"])
+    resumed = train(model_c, train_batches(), cfg, evaluate=loss_and_accuracy, resume=kill.state)
     sa, sc = trainable_state(model_a), trainable_state(model_c)
     for k in sa:
         torch.testing.assert_close(sc[k], sa[k], rtol=0, atol=0)
@@ -61,9 +39,9 @@ def test_resume_after_kill_gives_identical_result(tiny_bert):
 
 
 def test_training_reduces_loss_and_freezes_backbone(tiny_bert):
-    model = _model(tiny_bert, dropout=0.0)
+    model = with_lora(tiny_bert, dropout=0.0)
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
-    result = train(model, _data(), TrainConfig(epochs=8, lr=2e-2, progress=False))
+    result = train(model, train_batches(), TrainConfig(epochs=8, lr=2e-2, progress=False))
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     for n, p in model.named_parameters():
         if n in frozen:
