@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
-from support.helpers import REPO, SHARED_DATA, env
+from support.helpers import REPO, SHARED_DATA, env, set_params
 
 from stages.common import runtime
 from stages.common.io import (
@@ -165,14 +165,8 @@ def params_file(tmp_path, monkeypatch):
 
 
 def _with(path: Path, **overrides) -> Path:
-    raw = yaml.safe_load(path.read_text())
-    for key, value in overrides.items():
-        node = raw
-        *parents, leaf = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    """``path`` (a params.yaml) with ``section__key=value`` overrides applied."""
+    set_params(path.parent, {key.replace("__", "."): value for key, value in overrides.items()})
     return path
 
 
@@ -218,7 +212,7 @@ def test_loraprune_ratio_that_empties_a_layer(tmp_path, monkeypatch, tiny_llama)
 
 
 def test_prepare_refuses_impossible_rank_and_writes_nothing(tmp_path):
-    from support.helpers import scratch_repo, set_params
+    from support.helpers import scratch_repo
 
     repo = scratch_repo(tmp_path / "repo", git=False)
     set_params(repo, {"adapter.rank": 100000})

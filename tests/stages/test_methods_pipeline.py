@@ -6,6 +6,7 @@ in a scratch copy of the repository, which checks each method's plug-in end to e
 
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 from support.helpers import scratch_repo
@@ -19,9 +20,9 @@ TINY = {"data.train_size": 64, "data.dev_size": 32, "data.validation_size": 32, 
 CLASSIFICATION_METHODS = [m for m in available_methods() if m not in ("lora_drop", "loraprune")]
 
 
-@pytest.mark.parametrize("method", CLASSIFICATION_METHODS)
-def test_method_runs_through_every_stage(method, tmp_path, monkeypatch):
-    repo = scratch_repo(tmp_path / "repo", {**TINY, "method.name": method}, git=False)
+def _run_every_stage(overrides: dict, tmp_path, monkeypatch) -> tuple[Path, dict, dict]:
+    """Each stage's ``main`` in order in a scratch repository with ``overrides``: (repo, metrics, plan)."""
+    repo = scratch_repo(tmp_path / "repo", overrides, git=False)
     monkeypatch.chdir(repo)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -29,6 +30,12 @@ def test_method_runs_through_every_stage(method, tmp_path, monkeypatch):
         importlib.import_module(f"stages.{stage}").main()
     metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
     plan = json.loads((repo / "data/decide/plan.json").read_text())
+    return repo, metrics, plan
+
+
+@pytest.mark.parametrize("method", CLASSIFICATION_METHODS)
+def test_method_runs_through_every_stage(method, tmp_path, monkeypatch):
+    repo, metrics, plan = _run_every_stage({**TINY, "method.name": method}, tmp_path, monkeypatch)
     assert plan["method"] == method
     assert 0.0 <= metrics["dev_accuracy"] <= 1.0 and metrics["trainable_params"] > 0
     assert (repo / "data/merge/model/model.safetensors").is_file()
@@ -48,14 +55,7 @@ LM_TINY = {"model.name": "smollm2-135m", "task.name": "alpaca", "method.name": "
 
 
 def test_loraprune_on_smollm2_through_every_stage(tmp_path, monkeypatch):
-    repo = scratch_repo(tmp_path / "repo", LM_TINY, git=False)
-    monkeypatch.chdir(repo)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for stage in STAGES:
-        importlib.import_module(f"stages.{stage}").main()
-    metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
-    plan = json.loads((repo / "data/decide/plan.json").read_text())
+    repo, metrics, plan = _run_every_stage(LM_TINY, tmp_path, monkeypatch)
     assert plan["grid"] and metrics["ppl_window"] == 64 and metrics["ppl_windows"] == 2
     assert metrics["wikitext2_ppl"] > 1 and metrics["ptb_ppl"] > 1
     assert metrics["params_merged"] < metrics["params_dense"]  # heads and channels physically removed
