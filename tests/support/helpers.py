@@ -15,7 +15,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("LORA_SIEVE_DATA", REPO.parent / "shared" / "data")).resolve()
 SKIP = {".venv", ".git", "mlflow.db", "mlartifacts", "mlruns", ".lora_sieve", ".pytest_cache", ".ruff_cache",
-        "__pycache__", ".dvc/cache", ".dvc/tmp", "dvc.lock"}
+        "__pycache__", ".dvc/cache", ".dvc/tmp", "dvc.lock", "node_modules", "build", "dvc_plots"}
 SMALL = {
     "data.mirror": str(SHARED_DATA), "data.train_size": 480, "data.dev_size": 96, "data.validation_size": 64,
     "model.max_length": 32, "train.epochs": 2, "train.batch_size": 16, "train.checkpoint_every": 0,
