@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lora_ops.adapters.amp import kernel_dtype
+
 
 class AdapterLayer(nn.Module):
     """Base class: a frozen linear layer plus a trainable update ``delta_weight()``.
@@ -35,6 +37,9 @@ class AdapterLayer(nn.Module):
         if self.base.bias is not None:
             self.base.bias.requires_grad_(False)
         self.merged = False
+        #: the frozen weight and bias cast to a kernel's compute dtype (bf16/fp16 under autocast), built
+        #: once and reused by every call: a plain attribute, not a buffer, so it is never saved or exported
+        self._lowp: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
     # ----------------------------------------------------------------- shapes
     @property
@@ -62,6 +67,33 @@ class AdapterLayer(nn.Module):
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # ------------------------------------------------------ low-precision copy
+    def frozen_lowp(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The frozen ``(weight, bias)`` in the dtype a fused kernel computes in for input ``x``, or
+        ``None`` when that is the weight's own dtype (fp32 training pays nothing).
+
+        Under bf16/fp16 autocast the copy is made once and then reused: autocast itself caches casts
+        only of weights that require a gradient, and the base is frozen, so without this every call
+        would cast ``W`` again. The cache is keyed on dtype, device, storage and version counter, so an
+        in-place change (``load_state_dict``, ``copy_``), a move or a new tensor rebuilds it; merge and
+        unmerge drop it explicitly. It is not a buffer: ``state_dict`` and exports never see it."""
+        dt = kernel_dtype(x)
+        w, b = self.base.weight, self.base.bias
+        if dt == w.dtype or not dt.is_floating_point:
+            return None
+        key = (dt, w.device, w.data_ptr(), w._version,
+               None if b is None else (b.data_ptr(), b._version))
+        cached = self._lowp
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, w.detach().to(dt), None if b is None else b.detach().to(dt))
+            self._lowp = cached
+        return cached[1], cached[2]
+
+    def drop_lowp(self) -> None:
+        """Free the low-precision copy of the frozen weight (rebuilt on the next reduced-precision call)."""
+        self._lowp = None
+
     def delta_weight(self) -> torch.Tensor:
         """The dense update in the base weight's (out, in) layout."""
         raise NotImplementedError
@@ -79,6 +111,7 @@ class AdapterLayer(nn.Module):
             return
         self.base.weight.data = self.merged_weight(self.base.weight.data)
         self.merged = True
+        self.drop_lowp()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -86,6 +119,7 @@ class AdapterLayer(nn.Module):
             return
         self.base.weight.data = self.unmerged_weight(self.base.weight.data)
         self.merged = False
+        self.drop_lowp()
 
     # ------------------------------------------------------------- accounting
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -114,6 +148,12 @@ class AdapterLayer(nn.Module):
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     """All adapter layers of ``model`` by qualified module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def drop_lowp_copies(model: nn.Module) -> None:
+    """Free every adapter layer's low-precision copy of its frozen weight (e.g. after training)."""
+    for layer in adapter_layers(model).values():
+        layer.drop_lowp()
 
 
 def unique_adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

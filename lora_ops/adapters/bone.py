@@ -61,16 +61,19 @@ class _FusedBoneLinear(torch.autograd.Function):
     """Frozen linear + Bone branch as one autograd node; saves only the (N, b) shard sum."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, block, dropout_p: float):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, block, dropout_p: float, weight_lp=None, bias_lp=None):  # type: ignore[override]
+        dt = kernel_dtype(x)  # read before autocast_off: inside it autocast is off and x's dtype would win
         with autocast_off(x):
-            return _FusedBoneLinear._forward(ctx, x, weight, bias, block, dropout_p, kernel_dtype(x))
+            return _FusedBoneLinear._forward(ctx, x, weight, bias, block, dropout_p, dt, weight_lp, bias_lp)
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, block, dropout_p, dt):  # type: ignore[no-untyped-def]
+    def _forward(ctx, x, weight, bias, block, dropout_p, dt, weight_lp, bias_lp):  # type: ignore[no-untyped-def]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dt)
         block = block.to(dt)
         b = block.shape[0]
+        if weight_lp is not None and weight_lp.dtype == dt:  # the layer's cached copy: no per-call cast
+            weight, bias = weight_lp, bias_lp
         y = F.linear(x2, weight.to(dt), bias.to(dt) if bias is not None else None)
         if dropout_p > 0.0:
             x_drop, keep = torch.native_dropout(x2, dropout_p, True)
@@ -106,7 +109,7 @@ class _FusedBoneLinear(torch.autograd.Function):
             grad_x = grad_x.reshape(ctx.in_shape)
         if ctx.needs_input_grad[3]:
             grad_block = s.t() @ g
-        return grad_x, None, None, grad_block, None
+        return grad_x, None, None, grad_block, None, None, None
 
 
 def bone_linear(
@@ -115,9 +118,13 @@ def bone_linear(
     bias: torch.Tensor | None,
     block: torch.Tensor,
     dropout_p: float = 0.0,
+    lowp: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Functional fused Bone linear: ``x W^T + bias + shard_sum(drop(x)) @ block`` (block: b x out)."""
-    return _FusedBoneLinear.apply(x, weight, bias, block, float(dropout_p))
+    """Functional fused Bone linear: ``x W^T + bias + shard_sum(drop(x)) @ block`` (block: b x out).
+
+    ``lowp``: the frozen ``(weight, bias)`` already in the compute dtype (see :func:`lora_linear`)."""
+    w_lp, b_lp = lowp if lowp is not None else (None, None)
+    return _FusedBoneLinear.apply(x, weight, bias, block, float(dropout_p), w_lp, b_lp)
 
 
 class BoneLinear(AdapterLayer):
@@ -142,7 +149,7 @@ class BoneLinear(AdapterLayer):
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        return bone_linear(x, self.base.weight, self.base.bias, self.block, p)
+        return bone_linear(x, self.base.weight, self.base.bias, self.block, p, lowp=self.frozen_lowp(x))
 
     def lora_a(self) -> torch.Tensor:
         """The fixed ``A = [I I ... I]`` (b x in, last identity truncated) of the equivalent LoRA."""
@@ -198,8 +205,9 @@ class _FusedBatLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, block):  # type: ignore[override]
+        dt = kernel_dtype(x)  # read before autocast_off: inside it autocast is off and x's dtype would win
         with autocast_off(x):
-            return _FusedBatLinear._forward(ctx, x, weight, bias, block, kernel_dtype(x))
+            return _FusedBatLinear._forward(ctx, x, weight, bias, block, dt)
 
     @staticmethod
     def _forward(ctx, x, weight, bias, block, dt):  # type: ignore[no-untyped-def]

@@ -48,7 +48,7 @@ class GatedLoRALinear(AdapterLayer):
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         gated_a = self.gate.unsqueeze(1) * self.A  # B diag(g) A == B (g ⊙ A): one fused LoRA call
-        return lora_linear(x, self.base.weight, self.base.bias, gated_a, self.B, self.scale, p)
+        return lora_linear(x, self.base.weight, self.base.bias, gated_a, self.B, self.scale, p, lowp=self.frozen_lowp(x))
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * ((self.B * self.gate) @ self.A)

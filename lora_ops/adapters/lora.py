@@ -34,19 +34,28 @@ class _FusedLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dropout_p: float, plan: str):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dropout_p: float, plan: str,  # type: ignore[override]
+                weight_lp=None, bias_lp=None):
+        dt = kernel_dtype(x)  # read before autocast_off: inside it autocast is off and x's dtype would win
         with autocast_off(x):
-            return _FusedLoRALinear._forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, plan,
-                                             kernel_dtype(x))
+            return _FusedLoRALinear._forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, plan, dt,
+                                             weight_lp, bias_lp)
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, plan, dt):  # type: ignore[no-untyped-def]
+    def _forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, plan, dt, weight_lp, bias_lp):  # type: ignore[no-untyped-def]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dt)
-        bias = bias.to(dt) if bias is not None else None
+        # a low-precision copy of the frozen weight made once by the layer (see AdapterLayer.frozen_lowp)
+        cached = weight_lp is not None and weight_lp.dtype == dt
+        if cached:
+            bias = bias_lp
+        else:
+            bias = bias.to(dt) if bias is not None else None
         if plan == "auto":
             tokens, d_in, d_out = x2.shape[0], weight.shape[1], weight.shape[0]
-            plan = "merged" if dropout_p == 0.0 and tokens * (d_in + d_out) > d_in * d_out else "branched"
+            # with a cached copy the branched plan does no weight-sized work per call at all
+            merged_pays = not cached and tokens * (d_in + d_out) > d_in * d_out
+            plan = "merged" if dropout_p == 0.0 and merged_pays else "branched"
         keep = None
         # the factors are saved as given (parameters: no copy) and cast again in backward
         if plan == "merged":
@@ -58,6 +67,8 @@ class _FusedLoRALinear(torch.autograd.Function):
             x_drop = x2
             xa = None
         else:
+            if cached:
+                weight = weight_lp  # saved for backward too: the input-gradient GEMM reuses the copy
             y = F.linear(x2, weight.to(dt), bias)
             if dropout_p > 0.0:
                 x_drop, keep = torch.native_dropout(x2, dropout_p, True)
@@ -107,7 +118,7 @@ class _FusedLoRALinear(torch.autograd.Function):
             if xa is None:
                 xa = x_drop @ lora_a.t()
             grad_b = (xa.t() @ g).t().mul_(scale).contiguous()
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
 
 
 def lora_linear(
@@ -119,16 +130,21 @@ def lora_linear(
     scale: float,
     dropout_p: float = 0.0,
     plan: str = "auto",
+    lowp: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Functional fused LoRA linear: ``x W^T + b + scale * drop(x) A^T B^T``.
 
     ``plan`` is ``auto`` (pick by cost), ``merged`` or ``branched`` (see :class:`_FusedLoRALinear`).
+    ``lowp`` is the frozen ``(weight, bias)`` already cast to the compute dtype (a layer's cached copy,
+    :meth:`AdapterLayer.frozen_lowp`); it is used when autocast computes in that dtype, so the
+    frozen GEMMs of the branched plan (forward and input gradient) run on it without a per-call cast.
     """
     if plan not in ("auto", "merged", "branched"):
         raise ValueError(f"plan must be auto, merged or branched, got {plan!r}")
     if plan == "merged" and dropout_p > 0:
         raise ValueError("the merged plan cannot apply dropout to the LoRA branch only")
-    return _FusedLoRALinear.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), plan)
+    w_lp, b_lp = lowp if lowp is not None else (None, None)
+    return _FusedLoRALinear.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), plan, w_lp, b_lp)
 
 
 class LoRAPair(nn.Module):
@@ -175,7 +191,8 @@ class LoRALinear(AdapterLayer):
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        return lora_linear(x, self.base.weight, self.base.bias, self.lora.A, self.lora.B, self.scale, p)
+        return lora_linear(x, self.base.weight, self.base.bias, self.lora.A, self.lora.B, self.scale, p,
+                           lowp=self.frozen_lowp(x))
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora.B @ self.lora.A)

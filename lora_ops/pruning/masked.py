@@ -55,7 +55,8 @@ class MaskedLoRALinear(LoRALinear):
             y = F.linear(x, w, self.base.bias) + self.scale * F.linear(F.linear(xd, self.lora.A), self.lora.B)
         else:
             p = self.dropout if self.training else 0.0
-            y = lora_linear(x, self.base.weight, self.base.bias, self.lora.A, self.lora.B, self.scale, p)
+            y = lora_linear(x, self.base.weight, self.base.bias, self.lora.A, self.lora.B, self.scale, p,
+                            lowp=self.frozen_lowp(x))
         if self.out_mask is not None:
             y = y * self.out_mask.to(y.dtype)
         return y
