@@ -9,6 +9,7 @@ Data-parallel runs: wrap nothing here; the loop all-reduces adapter gradients it
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lora_ops import distributed as dist
-from lora_ops.adapters.base import AdapterLayer
+from lora_ops.adapters.base import AdapterLayer, drop_lowp_copies
 from lora_ops.data import BatchSource
 from lora_ops.schedules import warmup_linear_decay
 from lora_ops.training import precision as amp
@@ -45,8 +46,12 @@ class TrainConfig:
     select_metric: str = "loss"  # metric for "best"; "loss" is minimised, any other maximised
     progress: bool = True
     progress_label: str = "finetune"
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast; parameters and optimizer state stay fp32
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto: autocast; parameters and optimizer state stay fp32
     gradient_checkpointing: bool = False  # recompute block activations in backward (HF models)
+    #: AdamW's fused kernel (one multi-tensor kernel instead of a per-parameter loop) where torch has it for
+    #: the device. Off by default for now: its rounding differs from the loop's in the last bit, so turning it
+    #: on changes a run's bytes (not their reproducibility); see benchmarks/bench_optimizer.py
+    fused_adamw: bool = False
 
 
 @dataclass
@@ -56,6 +61,25 @@ class TrainResult:
     evals: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    precision: str = ""  # the precision the run trained in (``auto`` resolved)
+
+
+log = logging.getLogger(__name__)
+
+
+def fused_adamw_supported(device: torch.device | str) -> bool:
+    """Whether this torch has AdamW's fused kernel for ``device``'s type (CPU since torch 2.4)."""
+    import torch.utils._foreach_utils as foreach_utils
+
+    supported = getattr(foreach_utils, "_get_fused_kernels_supported_devices", None)
+    return supported is not None and torch.device(device).type in supported()
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device | str) -> torch.optim.AdamW:
+    """AdamW over ``groups``, fused when asked for and supported on ``device`` (else the plain loop)."""
+    if cfg.fused_adamw and fused_adamw_supported(device):
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -149,9 +173,12 @@ def train(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     loss_fn = loss_fn or (lambda m, batch: m(**batch).loss)
     amp.check_precision(cfg.precision, device)  # before any work: bf16 on a GPU without it fails here
+    precision = amp.resolve_precision(cfg.precision, device)
+    if cfg.precision == "auto":
+        log.info("precision auto -> %s on %s", precision, device)
     if cfg.gradient_checkpointing:
         amp.enable_gradient_checkpointing(model)
-    scaler = amp.grad_scaler(cfg.precision, device)  # fp16 only
+    scaler = amp.grad_scaler(precision, device)  # fp16 only
     steps_per_epoch = len(data)
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
@@ -164,12 +191,12 @@ def train(
     if not groups:
         raise ValueError("nothing to train: no parameter requires a gradient")
     trainable = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    optimizer = make_optimizer(groups, cfg, device)
     warmup = int(round(cfg.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_linear_decay(s, warmup, total))
 
     step, epoch, batch_in_epoch = 0, 0, 0
-    result = TrainResult(steps=total)
+    result = TrainResult(steps=total, precision=precision)
     maximise = cfg.select_metric != "loss"
     if resume is not None:
         load_trainable_state(model, resume["trainable"])
@@ -183,7 +210,8 @@ def train(
         torch.set_rng_state(resume["rng"]["cpu"])
         if torch.cuda.is_available() and resume["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-        if resume.get("config") and resume["config"] != asdict(cfg):
+        # a field added since the checkpoint was written counts as its default
+        if resume.get("config") and {**asdict(TrainConfig()), **resume["config"]} != asdict(cfg):
             raise ValueError("checkpoint was written with a different training config; delete it to start over")
 
     def snapshot() -> dict[str, Any]:
@@ -199,6 +227,8 @@ def train(
         }
 
     show = cfg.progress and dist.is_main()
+    if show and cfg.precision == "auto":
+        tqdm.write(f"{cfg.progress_label}: precision auto -> {precision}")
     bar = tqdm(total=total, initial=step, disable=not show, desc=cfg.progress_label, unit="step",
                dynamic_ncols=True, mininterval=1.0)
     started = time.perf_counter()
@@ -206,7 +236,7 @@ def train(
     while step < total and epoch < cfg.epochs:
         for batch in data.batches(epoch, start=batch_in_epoch):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with amp.autocast(cfg.precision, device):
+            with amp.autocast(precision, device):
                 loss = loss_fn(model, batch)
             if dist.world_size() > 1:
                 # ranks may hold unequal shares of the global batch (the last batch of an epoch):
@@ -278,5 +308,6 @@ def train(
         controller.load_state_dict(result.best["controller"])
         controller.on_train_end()
     result.seconds = time.perf_counter() - started
+    drop_lowp_copies(model)  # the low-precision copies of frozen weights are a training cache only
     model.eval()
     return result

@@ -1,8 +1,11 @@
 """Mixed precision and activation checkpointing for the training loop, device-agnostic.
 
-``precision`` is ``fp32``, ``bf16`` or ``fp16``. Reduced precision means *autocast*: the
+``precision`` is ``fp32``, ``bf16``, ``fp16`` or ``auto``. Reduced precision means *autocast*: the
 parameters (adapters included) and the optimizer state stay fp32, only the matrix products run
-in the low dtype. ``fp16`` adds a dynamic loss scaler (fp16's range is too small for raw
+in the low dtype; the adapter layers keep one low-precision copy of their frozen base weight
+(:meth:`~lora_ops.adapters.base.AdapterLayer.frozen_lowp`) instead of casting it on every call.
+``auto`` resolves at run time (:func:`resolve_precision`): bf16 where the device has native bf16
+(a CPU with ``avx512_bf16`` or AMX, a GPU of compute capability >= 8.0), else fp32. ``fp16`` adds a dynamic loss scaler (fp16's range is too small for raw
 gradients); ``bf16`` has fp32's range and needs none.
 
 Each check raises a one-line :class:`ValueError`, so a stage can report it as bad input.
@@ -19,6 +22,23 @@ import torch
 from torch import nn
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: what a config may say: a precision, or ``auto`` (resolved per device by :func:`resolve_precision`)
+PRECISION_CHOICES: tuple[str, ...] = (*PRECISIONS, "auto")
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (``avx512_bf16`` dot products or AMX tiles), detected
+    at run time through torch's own CPU feature probe. Without either, oneDNN emulates bf16 GEMMs by
+    conversion and they are no faster than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    for name in probes:
+        fn = getattr(torch.cpu, name, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except RuntimeError:  # pragma: no cover - a build without the probe's backend
+            continue
+    return False
 
 
 def _autocast_works(device_type: str, dtype: torch.dtype) -> bool:
@@ -45,11 +65,34 @@ def _cuda_bf16(device: torch.device) -> bool:
         return bool(fn(**kwargs))
 
 
+def precision_choice_error(value: object) -> str:
+    """The one-line message for a precision that is not among :data:`PRECISION_CHOICES`."""
+    return (f"precision must be one of {', '.join(PRECISIONS)}, got {value!r} "
+            "(or auto: bf16 where the device has it natively, else fp32)")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``precision`` itself, or for ``auto`` the fastest exact-enough choice on ``device``: ``bf16``
+    where it is native (CPU: ``avx512_bf16`` or AMX; CUDA: compute capability >= 8.0) and torch has
+    autocast for it, else ``fp32``. Deterministic for one machine, so same params still give the
+    same bytes there; a different machine may resolve differently (the loop reports the choice)."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cpu":
+        native = cpu_native_bf16()
+    elif device.type == "cuda":
+        native = torch.cuda.is_available() and _cuda_bf16(device)
+    else:
+        native = False
+    return "bf16" if native and _autocast_works(device.type, torch.bfloat16) else "fp32"
+
+
 def check_precision(precision: str, device: torch.device | str) -> None:
     """Raise a one-line ``ValueError`` when ``precision`` is unknown or ``device`` cannot run it."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(precision_choice_error(precision))
+    if precision in ("fp32", "auto"):  # auto falls back to fp32 wherever bf16 is not native
         return
     device = torch.device(device)
     if device.type == "cuda":

@@ -126,18 +126,20 @@ class TrainParams(_Strict):
                                                     "its own longest example")
     pad_to_multiple_of: int | None = Field(None, ge=1, description="round each batch's width up to a multiple "
                                                                    "(8 suits tensor cores); null = exact")
-    precision: str = Field(_LOOP.precision, description="fp32 | bf16 | fp16: autocast for the forward pass (fp16 with a "
-                                               "loss scaler); adapters and optimizer state stay fp32")
+    precision: str = Field(_LOOP.precision, description="fp32 | bf16 | fp16 | auto: autocast for the forward pass "
+                                                        "(fp16 with a loss scaler; auto = bf16 where the device "
+                                                        "has it natively, else fp32); adapters and optimizer "
+                                                        "state stay fp32")
     gradient_checkpointing: bool = Field(_LOOP.gradient_checkpointing, description="recompute block activations in backward (causal "
                                                             "LMs): less memory, about one extra forward")
 
     @field_validator("precision")
     @classmethod
     def _precision(cls, v: str) -> str:
-        from lora_ops.training.precision import PRECISIONS
+        from lora_ops.training.precision import PRECISION_CHOICES, precision_choice_error
 
-        if v not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {v!r}")
+        if v not in PRECISION_CHOICES:
+            raise ValueError(precision_choice_error(v))
         return v
 
 
