@@ -51,7 +51,8 @@ from stages.common.tracking import (
     tracking_uri,
 )
 
-STAGES = ["resolve", "prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate", "promote"]
+STAGES = ["resolve", "prepare", "calibrate", "score", "decide", "finetune", "compress", "merge", "evaluate",
+          "promote"]
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_BAD_INPUT = 2  # stages exit 2 on bad input (stages/common/runtime.py): retrying cannot help
 STATE_DIR = ".lora_sieve"

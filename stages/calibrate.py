@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import time
 
-import torch
-
-from lora_ops.data import BatchSource, stratified_indices
 from lora_ops.targets import find_targets, freeze_all_but
 from stages.common import runtime, shapes
 from stages.common.adapted import load_base
-from stages.common.context import method_context, task_of
-from stages.common.features import tokenize
-from stages.common.io import read_parquet, write_json, write_records
+from stages.common.calibration import calibration_sample
+from stages.common.context import method_context
+from stages.common.io import write_json, write_records
 from stages.common.params import load_params
 from stages.common.paths import Paths
 from stages.common.tracking import StageRun
@@ -30,20 +27,16 @@ def main() -> None:
         rows = []
         if method.needs_calibration:
             runtime.seed_everything(params.seed)
-            train = read_parquet(Paths.train)
-            idx = stratified_indices(torch.tensor(train["label"].to_numpy()), params.calibrate.ratio, params.seed)
-            sample_df = train.iloc[idx.numpy()].reset_index(drop=True)
             loaded = load_base(params)
             loaded.model.to(ctx.device)
             freeze_all_but(loaded.model, loaded.head_modules)
-            features = tokenize(sample_df, task_of(params), loaded.tokenizer, params.model.max_length)
-            sample = BatchSource(features, params.train.batch_size, seed=params.seed)
+            sample, n_sample = calibration_sample(params, loaded.tokenizer)
             targets = find_targets(loaded.model, params.adapter.targets)
             start = time.perf_counter()
             rows = method.calibrate(loaded.model, targets, sample, ctx)
-            summary.update(sample_rows=len(sample_df), ratio=params.calibrate.ratio, modules=len(rows),
+            summary.update(sample_rows=n_sample, ratio=params.calibrate.ratio, modules=len(rows),
                            seconds=time.perf_counter() - start)
-            print(f"calibrate: {len(rows)} modules measured on {len(sample_df)} examples "
+            print(f"calibrate: {len(rows)} modules measured on {n_sample} examples "
                   f"in {summary['seconds']:.1f}s")
         else:
             summary["note"] = f"{method.name} has a fixed structure: nothing to calibrate"

@@ -10,9 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lora_ops.training import load_trainable_state
 from stages.common import runtime
-from stages.common.adapted import build_adapted
 from stages.common.context import task_of
 from stages.common.evaluation import latency_per_batch, lm_loss, median_forward_seconds, predict, task_metrics
 from stages.common.features import tokenize
@@ -20,12 +18,12 @@ from stages.common.io import (
     check_model_folder,
     read_json,
     read_parquet,
-    read_safetensors,
     write_json,
 )
 from stages.common.params import load_params
 from stages.common.paths import Paths
 from stages.common.plots import plot_importance, plot_loss, plot_placeholder, plot_structure
+from stages.common.product import load_product
 from stages.common.tracking import StageRun
 
 TIMING_KEYS = ("latency_merged_ms", "latency_unmerged_ms", "latency_dense_ms", "latency_ratio_to_dense",
@@ -57,8 +55,7 @@ def evaluate_lm(params, plan: dict, device: str) -> dict:
     pe = params.lm_eval
     merged, needs_loader = load_merged_lm(Paths.merged_model)
     merged.to(device).eval()
-    adapted = build_adapted(params, plan)
-    load_trainable_state(adapted.model, read_safetensors(Paths.adapter))
+    adapted = load_product(params, plan).adapted  # what merge folded in: the product adapter
     tok = adapted.loaded.tokenizer
     need = pe.window * pe.windows
     corpora = {name: corpus_tokens(load_corpus(name, mirror_path(params)), tok, need) for name in ("wikitext2", "ptb")}
@@ -133,8 +130,8 @@ def main() -> None:
             return
         merged = AutoModelForSequenceClassification.from_pretrained(
             str(check_model_folder(Paths.merged_model)), use_safetensors=True).to(device).eval()
-        adapted = build_adapted(params, plan)
-        load_trainable_state(adapted.model, read_safetensors(Paths.adapter))
+        product = load_product(params, plan)  # what merge folded in: the product adapter, unmerged
+        adapted = product.adapted
         tok = adapted.loaded.tokenizer
         dev = tokenize(read_parquet(Paths.dev), task, tok, params.model.max_length)
         validation = tokenize(read_parquet(Paths.validation), task, tok, params.model.max_length)
@@ -154,8 +151,27 @@ def main() -> None:
                                                                   params.evaluate.latency_batches, device)
         n_sample = len(sample["labels"])
         sample_batches = [{k: v[i:i + bs] for k, v in sample.items()} for i in range(0, n_sample, bs)]
-        metrics.update(adapted.method.evaluation_extras(adapted.model, plan, adapted.ctx, sample_batches))
+        if product.compressed is None:  # the method's own figures describe its own layers, not the compressed pairs
+            metrics.update(adapted.method.evaluation_extras(adapted.model, plan, adapted.ctx, sample_batches))
         finish(params, plan, task, run, metrics)
+
+
+def storage_metrics(plan: dict, compressed: dict) -> dict:
+    """What the product adapter stores (compress summary) beside plain LoRA's fp32 and 16-bit bytes. LoRA's
+    bytes count its factors plus the same head, so the ratio compares two shippable files."""
+    lora_params = plan["parameters"]["plain_lora"]
+    stored = int(compressed["stored_bytes"])
+    head = int(compressed.get("head_bytes", 0))
+    lora_fp32, lora_16 = 4 * lora_params + head, 2 * lora_params + head
+    out = {"stored_bytes": stored, "lora_fp32_bytes": lora_fp32, "lora_16bit_bytes": lora_16,
+           "stored_bytes_ratio_to_lora_fp32": stored / lora_fp32, "compressed": bool(compressed.get("applied"))}
+    if compressed.get("applied"):
+        out.update(stored_params=int(compressed["stored_params"]), compress_bits=int(compressed["bits"]),
+                   compress_components=int(compressed["components"]), head_bytes=head,
+                   stored_adapter_bytes=int(compressed["adapter_bytes"]),
+                   stored_adapter_bytes_ratio_to_lora_fp32=int(compressed["adapter_bytes"]) / (4 * lora_params),
+                   compress_validation_reference=compressed["validation_reference"])
+    return out
 
 
 def finish(params, plan: dict, task, run, metrics: dict) -> None:
@@ -171,6 +187,7 @@ def finish(params, plan: dict, task, run, metrics: dict) -> None:
         "trainable_ratio_to_lora": counts["trainable"] / counts["plain_lora"],
         "train_seconds": trained["seconds"],
     })
+    metrics.update(storage_metrics(plan, read_json(Paths.compress_summary)))
     metrics["main_metric"] = task.main_metric
     lower_better = getattr(task, "lower_is_better", False)
     metrics["score"] = metrics[task.main_metric if task.main_metric in metrics else f"dev_{task.main_metric}"]

@@ -1,24 +1,26 @@
-"""merge: fold the adapters into the base weights (plain HF folder), and save the adapter in its
-compact form (safetensors + JSON plan), in PEFT format and, for LoRA-family methods, in a
+"""merge: fold the product adapter (data/compress: the compressed one, or the finetuned one as it is)
+into the base weights (plain HF folder), and save the adapter in its compact form (safetensors + JSON plan), in PEFT format and, for LoRA-family methods, in a
 serve-safe PEFT form (one global rank and scaling, no ``rank_pattern``/``alpha_pattern``) for
 serving engines that read only the global ``r`` and ``lora_alpha``."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from lora_ops.export import PeftExport, serve_safe
-from lora_ops.training import load_trainable_state
+from lora_ops.export import PeftExport, export_lora_family, serve_safe
+from lora_ops.targets import unload
 from stages.common import runtime
-from stages.common.adapted import build_adapted, model_ref
-from stages.common.io import atomic_path, read_json, read_safetensors
+from stages.common.adapted import model_ref
+from stages.common.io import atomic_path, read_json
 from stages.common.params import load_params
 from stages.common.paths import Paths
+from stages.common.product import load_product, read_adapter_file
 from stages.common.tracking import StageRun
 
 # the serve-safe PEFT adapter (inside data/merge, so it is part of the stage's DVC output)
@@ -46,32 +48,41 @@ def write_not_exported(dest: Path, reason: str) -> None:
 def main() -> None:
     params = load_params()
     plan = read_json(Paths.plan)
-    state = read_safetensors(Paths.adapter)  # a truncated or foreign adapter: one line, before anything is written
+    # the product adapter (compressed, or the finetuned bytes): a truncated or foreign file is one line,
+    # before anything is written
+    state, _ = read_adapter_file(Paths.compressed)
     with StageRun("merge", params.model_dump()) as run:
-        adapted = build_adapted(params, plan)
+        product = load_product(params, plan)
+        adapted = product.adapted
         model, method, ctx = adapted.model, adapted.method, adapted.ctx
-        try:
-            load_trainable_state(model, state)
-        except ValueError as exc:  # tensors of another plan/method: name the file
-            raise ValueError(f"{Paths.adapter} does not fit this plan ({exc}): rerun the finetune stage") from None
         model.eval()
         ref = model_ref(params)
         heads = adapted.loaded.head_modules
         meta = {"method": method.name, "base_model": ref.name, "base_model_path": ref.path,
                 "task": params.task.name, "adapter": params.adapter.model_dump(),
                 "method_params": params.method_params().model_dump(), "head_modules": heads,
-                "parameters": method.parameter_counts(model)}
+                "parameters": product.parameter_counts()}
+        if product.compressed is not None:
+            meta.update(stored_bytes=product.stored_bytes, compressed=product.compressed.settings)
 
-        # 1. compact form: our own adapter file (shared tensors stored once) + the plan
+        # 1. compact form: our own adapter file (shared tensors stored once; the compressed product's exact
+        # bytes: codes + scales + head + its metadata) + the plan
         with atomic_path(Paths.compact) as tmp:
             tmp.mkdir()
-            save_file(state, str(tmp / "adapter.safetensors"), metadata={"method": method.name})
+            if product.compressed is None:
+                save_file(state, str(tmp / "adapter.safetensors"), metadata={"method": method.name})
+            else:
+                shutil.copyfile(Paths.compressed, tmp / "adapter.safetensors")
             (tmp / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True))
             (tmp / "lora_sieve.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
         # 2. PEFT format (shared tensors cloned per module; head as modules_to_save)
-        head_tensors = {k: v for k, v in state.items() if any(k.startswith(h + ".") for h in heads)}
-        export = None if method.no_peft_export_reason else method.export_peft(model, plan, ctx)
+        if product.compressed is None:
+            head_tensors = {k: v for k, v in state.items() if any(k.startswith(h + ".") for h in heads)}
+            export = None if method.no_peft_export_reason else method.export_peft(model, plan, ctx)
+        else:  # plain LoRA at the stored ranks, dequantised factors
+            head_tensors = dict(product.compressed.head)
+            export = export_lora_family(model)
         base = {"base_model_name_or_path": ref.path,
                 "task_type": "CAUSAL_LM" if adapted.loaded.kind == "causal_lm" else "SEQ_CLS",
                 "modules_to_save": heads or None}
@@ -95,7 +106,8 @@ def main() -> None:
                              "serve_safe.lora_bytes": report["lora_bytes"], "serve_safe.r": report["r"]})
 
         # 3. method-specific deployable forms (e.g. blora's integer factors + scales)
-        for name, (tensors, extra_meta) in method.extra_exports(model, plan, ctx).items():
+        extras = method.extra_exports(model, plan, ctx) if product.compressed is None else {}
+        for name, (tensors, extra_meta) in extras.items():
             with atomic_path(Paths.merge / name) as tmp:
                 tmp.mkdir()
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
@@ -103,7 +115,8 @@ def main() -> None:
             print(f"merge: {method.name} {name} form -> {Paths.merge / name}")
 
         # 4. merged plain Hugging Face folder
-        merged = method.export_merged(model, plan, ctx).cpu()
+        merged = (method.export_merged(model, plan, ctx) if product.compressed is None
+                  else unload(model, merge=True)).cpu()
         with atomic_path(Paths.merged_model) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             adapted.loaded.tokenizer.save_pretrained(tmp)

@@ -19,6 +19,7 @@ branches on a method's id:
 ``report_figures`` method-specific figures of a run (gates closed...) and ``figure_labels``
 ``paper_targets``  the trends its paper reports, checked on a study's means
 ``reference``      the study's baseline (plain LoRA); ``study_peer``: a peer baseline
+``compress_skip_reason``  why ``compress`` does not apply (block adapters, a pruned base)
 =================  =============================================================
 
 Methods register themselves with :func:`register`; the stages look them up by id with
@@ -108,6 +109,9 @@ class Method(Generic[P]):
     stage_settings: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: why the merge stage writes no PEFT adapter for this method ("" = it writes one)
     no_peft_export_reason: ClassVar[str] = ""
+    #: why the compress stage passes this method's trained adapter through unchanged ("" = it compresses
+    #: it: every adapter layer has a LoRA form ``as_lora()`` whose trimmed, quantised pair is the product)
+    compress_skip_reason: ClassVar[str] = ""
     #: the study's baseline: "% of LoRA" and the other methods' paper targets are measured against it
     reference: ClassVar[bool] = False
     #: a peer baseline (PEFT's own alternatives): the study compares every other method against it

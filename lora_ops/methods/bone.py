@@ -54,6 +54,8 @@ class _BlockMethod(Method[B]):
     """Shared plumbing of Bone and Bat: fixed plan, one block per target, MiSS export."""
 
     peft_init_weights: ClassVar[bool | str]
+    # a Bone/Bat block is not a product of two low-rank factors: there are no components to trim
+    compress_skip_reason: ClassVar[str] = "its block update has no low-rank LoRA form to trim or quantise"
 
     def decide(self, scores: list[dict[str, Any]], targets: list[Target], ctx: MethodContext[B]) -> dict[str, Any]:
         plan = super().decide(scores, targets, ctx)

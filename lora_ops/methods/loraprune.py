@@ -88,6 +88,8 @@ class LoRAPrune(Method[LoRAPruneParams]):
     needs_calibration = True  # reads the structure from the model; the sample itself is not used
     no_peft_export_reason = ("the base model itself is pruned: use the merged folder (data/merge/model); "
                              "export_peft() gives the LoRA at pruned shapes for an unmerged pruned base")
+    compress_skip_reason = ("its product is the pruned base model; its LoRA only lives at the pruned shapes "
+                            "and is merged into it")
 
     def check_shapes(self, model: nn.Module, targets: list[Target], ctx: MethodContext[LoRAPruneParams]) -> None:
         check_rank_fits(ctx.adapter.rank, targets)

@@ -21,7 +21,7 @@ import pandas as pd
 
 # weight files that from_pretrained would unpickle (torch.load) rather than map
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
-STAGES = ("prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate", "promote")
+STAGES = ("prepare", "calibrate", "score", "decide", "finetune", "compress", "merge", "evaluate", "promote")
 
 
 class BadArtifact(ValueError):

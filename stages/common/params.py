@@ -148,6 +148,78 @@ class EvaluateParams(_Strict):
     latency_batches: int = Field(5, ge=1, description="timed batches for the latency metric")
 
 
+class CompressParams(_Strict):
+    """The ``compress`` stage: rank trimming and low-bit factors of the trained adapter (``rank: none`` and
+    ``bits: none`` pass the adapter through byte for byte). See lora_ops/compress and shared/spec/compress.md."""
+
+    rank: str = Field("output", description="trimming criterion: none | svd (singular values of ΔW, PEFT "
+                                            "convert_to_lora) | output (‖ΔW X‖ on the calibration inputs)")
+    budget: str = Field("search", description="search (smallest global component budget within tolerance, on "
+                                              "validation) | energy (per-module share, PEFT) | threshold (one "
+                                              "global score) | components (a global count)")
+    normalisation: str = Field("adapter", description="global scores relative to the module's adapter output "
+                                                      "energy (adapter) or its base layer's (base)")
+    energy: float = Field(0.9, gt=0.0, le=1.0, description="budget energy: share of each module's energy kept")
+    threshold: float = Field(0.01, gt=0.0, description="budget threshold: keep components scoring at least this")
+    components: int = Field(16, ge=0, description="budget components: components kept over all modules")
+    bits: int | str = Field("search", description="none | 8 | 4 | search (the smallest within tolerance)")
+    group_size: int | None = Field(None, ge=1, description="columns per quantisation scale; null = one per row")
+    tolerance: float = Field(0.5, ge=0.0, description="validation main-metric drop allowed by a search, in points "
+                                                      "(percent for a loss)")
+    ridge: float = Field(1e-6, ge=0.0, description="ridge of G = Σ(Ax)(Ax)ᵀ relative to tr(G)/r (output criterion)")
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _rank(cls, v: Any) -> str:
+        from lora_ops.compress import CRITERIA
+
+        if v is None:
+            return "none"
+        if v not in ("none", *CRITERIA):
+            raise ValueError(f"rank must be none or a criterion ({', '.join(CRITERIA)}), got {v!r}")
+        return v
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: str) -> str:
+        if v not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {v!r}")
+        return v
+
+    @field_validator("normalisation")
+    @classmethod
+    def _normalisation(cls, v: str) -> str:
+        from lora_ops.compress import NORMALISATIONS
+
+        if v not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {v!r}")
+        return v
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _bits(cls, v: Any) -> int | str:
+        from lora_ops.compress import SUPPORTED_BITS
+
+        if v is None:
+            return "none"
+        if v in ("none", "search") or (isinstance(v, int) and not isinstance(v, bool) and v in SUPPORTED_BITS):
+            return v
+        raise ValueError(f"bits must be none, search or one of {', '.join(map(str, SUPPORTED_BITS))}, got {v!r}")
+
+    @property
+    def off(self) -> bool:
+        """Nothing to do: the trained adapter is the product, byte for byte."""
+        return self.rank == "none" and self.bits == "none"
+
+    @property
+    def searches(self) -> bool:
+        return self.budget == "search" or self.bits == "search"
+
+
+#: how the compress stage picks the kept components (CompressParams.budget)
+BUDGETS = ("search", "energy", "threshold", "components")
+
+
 class DistributedParams(_Strict):
     processes: int = Field(1, ge=1, description="data-parallel processes for finetune (torchrun when > 1)")
     backend: str = Field("auto", description="auto (nccl on GPU, gloo on CPU) | gloo | nccl")
@@ -234,6 +306,7 @@ class Params(BaseModel):
     adapter: AdapterParams = AdapterParams()
     calibrate: CalibrateParams = CalibrateParams()
     train: TrainParams = TrainParams()
+    compress: CompressParams = CompressParams()
     evaluate: EvaluateParams = EvaluateParams()
     distributed: DistributedParams = DistributedParams()
     lm_eval: LMEvalParams = LMEvalParams()

@@ -33,6 +33,11 @@ class Paths:
     # resumable state lives outside DVC's outputs: DVC deletes a stage's outs before rerunning it
     checkpoints = Path(".lora_sieve") / "checkpoints"
     checkpoint = checkpoints / "finetune.json"  # + finetune.<token>.safetensors (stages/common/checkpoint.py)
+    # the product adapter: the finetuned one compressed (or, compress off / not applicable, its exact bytes)
+    compress = root / "compress"
+    compressed = compress / "adapter.safetensors"
+    compress_summary = compress / "summary.json"
+    compress_curve = compress / "curve.csv"  # the walked search: stored bytes vs validation metric
     merge = root / "merge"
     merged_model = merge / "model"
     compact = merge / "adapter"

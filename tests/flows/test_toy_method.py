@@ -36,7 +36,7 @@ from stages.common.paths import Paths
 from stages.common.shapes import check_model_shapes
 
 pytestmark = pytest.mark.slow
-STAGES = ["resolve", "prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate"]
+STAGES = ["resolve", "prepare", "calibrate", "score", "decide", "finetune", "compress", "merge", "evaluate"]
 TINY = {"data.train_size": 48, "data.dev_size": 32, "data.validation_size": 16, "train.batch_size": 16,
         "train.epochs": 1, "evaluate.batch_size": 32, "adapter.targets": ["q", "v"]}
 

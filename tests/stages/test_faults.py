@@ -40,6 +40,7 @@ def prepared(tmp_path_factory):
 def trained(prepared, tmp_path_factory):
     repo = _copy(prepared, tmp_path_factory.mktemp("trained"))
     run([sys.executable, "-m", "stages.finetune"], repo)
+    run([sys.executable, "-m", "stages.compress"], repo)
     run([sys.executable, "-m", "stages.merge"], repo)
     return repo
 
@@ -122,7 +123,8 @@ def test_disk_full_while_writing_merged_model_keeps_previous(trained, tmp_path):
 # ----------------------------------------------------------------------------- damaged artifacts, real stages
 
 @pytest.mark.parametrize("stage, artifact, damage, producer", [
-    ("merge", "data/finetune/adapter.safetensors", "truncate", "finetune"),
+    ("compress", "data/finetune/adapter.safetensors", "truncate", "finetune"),
+    ("merge", "data/compress/adapter.safetensors", "truncate", "compress"),
     ("decide", "data/score/importance.parquet", "truncate", "score"),
     ("finetune", "data/decide/plan.json", "foreign", "decide"),
 ])

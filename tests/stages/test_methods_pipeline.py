@@ -1,4 +1,4 @@
-"""Every method through all seven stages (in-process, real MiniLM, a tiny SST-2 subset).
+"""Every method through all eight stages (in-process, real MiniLM, a tiny SST-2 subset).
 
 The DVC wiring itself is covered by test_pipeline_e2e; here each stage's ``main`` runs in order
 in a scratch copy of the repository, which checks each method's plug-in end to end in seconds.
@@ -14,7 +14,7 @@ from support.helpers import scratch_repo
 from lora_ops import available_methods
 
 pytestmark = pytest.mark.slow
-STAGES = ["resolve", "prepare", "calibrate", "score", "decide", "finetune", "merge", "evaluate"]
+STAGES = ["resolve", "prepare", "calibrate", "score", "decide", "finetune", "compress", "merge", "evaluate"]
 TINY = {"data.train_size": 64, "data.dev_size": 32, "data.validation_size": 32, "train.batch_size": 16,
         "train.epochs": 2, "evaluate.batch_size": 32}
 CLASSIFICATION_METHODS = [m for m in available_methods() if m not in ("lora_drop", "loraprune")]
@@ -42,7 +42,10 @@ def test_method_runs_through_every_stage(method, tmp_path, monkeypatch):
     assert (repo / "data/evaluate/plots/structure.png").read_bytes()[:4] == b"\x89PNG"
     peft_dir = repo / "data/merge/peft"
     assert (peft_dir / "adapter_config.json").is_file() or (peft_dir / "NOT_EXPORTED.txt").is_file()
-    if method != "blora":  # blora's unmerged model is fake-quantised; its gap is reported, not zero
+    compressed = json.loads((repo / "data/compress/summary.json").read_text())
+    assert metrics["compressed"] == compressed["applied"] and metrics["stored_bytes"] == compressed["stored_bytes"]
+    if compressed["applied"] or method != "blora":  # blora's own unmerged model is fake-quantised: its gap is
+        # reported, not zero; compressed, every method is plain LoRA at the stored ranks
         assert metrics["max_abs_diff_unmerged_vs_merged"] < 1e-4
     else:
         assert "float_export_max_abs_diff" in metrics and "bops_ratio_total" in metrics

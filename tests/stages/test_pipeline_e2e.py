@@ -20,7 +20,7 @@ def repo(tmp_path_factory):
     repo = scratch_repo(tmp_path_factory.mktemp("e2e") / "repo")
     first = run(["dvc", "repro"], repo)
     ran = _ran(first)
-    assert sorted(ran) == sorted(["resolve", "prepare", "calibrate", "score", "decide", "finetune", "merge",
+    assert sorted(ran) == sorted(["resolve", "prepare", "calibrate", "score", "decide", "finetune", "compress", "merge",
                                   "evaluate", "promote"])
     assert ran.index("resolve") < ran.index("calibrate") and ran[-1] == "promote"
     return repo
