@@ -158,8 +158,8 @@ def _finetune(params) -> None:
                          f"best_validation_{cfg.select_metric}": result.best.get("value", float("nan"))},
                         parent=True)
         run.log_artifact(Paths.finetune_summary)
-        print(f"finetune: {result.steps} steps in {result.seconds:.0f}s; best validation {cfg.select_metric} "
-              f"{result.best.get('value', float('nan')):.4f} at epoch {result.best.get('epoch')}")
+        print(f"finetune: {result.steps} steps in {result.seconds:.0f}s ({result.precision}); best validation "
+              f"{cfg.select_metric} {result.best.get('value', float('nan')):.4f} at epoch {result.best.get('epoch')}")
         if os.environ.get("LORA_SIEVE_DEBUG"):
             print(json.dumps(summary["best"]))
 
