@@ -55,7 +55,7 @@ from stages.common.product import tensor_bytes
 from stages.common.tracking import StageRun
 
 CURVE_COLUMNS = ["components", "bits", "stored_bytes", "metric", "within", "chosen"]
-WIDTHS = (4, 8, 0)  # bits searched (0 = float32 factors), cheapest per component first
+WIDTHS = (8, 4, 0)  # bits searched (0 = float32 factors), in lora_ops.compress.search.WALK_ORDER
 
 
 def bits_value(bits: int | str) -> int:
@@ -249,6 +249,7 @@ def main() -> None:
         except NotCompressible as exc:
             pass_through(f"compress does not apply to {method.name}: {exc}", run, plan)
             return
+        setup = time.perf_counter() - start
         chosen, curve, reference, fixed = choose(comp)
         write_curve(curve, chosen)
         seconds = time.perf_counter() - start
@@ -287,7 +288,7 @@ def main() -> None:
               f"{chosen.bits or 32}-bit factors: {summary['stored_bytes']:,} bytes "
               f"({summary['stored_bytes'] / uncompressed:.1%} of the finetuned adapter's {uncompressed:,}); "
               f"validation {comp.metric_name} {chosen.metric:.4f} vs {reference:.4f} uncompressed; "
-              f"{comp.evaluations} evaluations in {seconds:.1f}s")
+              f"{comp.evaluations} evaluations; {seconds:.1f}s ({setup:.1f}s model, statistics and decompositions)")
 
 
 if __name__ == "__main__":

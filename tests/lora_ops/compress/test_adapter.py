@@ -133,7 +133,9 @@ def test_search_budget_finds_the_smallest_passing_budget_and_never_tests_beyond_
         return 0.90 if n >= (13 if bits != 4 else 15) else 0.80
 
     chosen, curve = search_budget(size, metric, total, (4, 8, 0), reference=0.905, tolerance=0.5)
-    assert chosen is not None and (chosen.components, chosen.bits) == (15, 4)
+    exact, _ = search_budget(size, metric, total, (4, 8, 0), reference=0.905, tolerance=0.5, resolution=0)
+    assert exact is not None and (exact.components, exact.bits) == (15, 4)
+    assert chosen is not None and chosen.bits == 4 and 15 <= chosen.components <= 16
     assert all(c.stored_bytes == size(c.components, c.bits) for c in curve)
     assert len(curve) <= 3 * 7  # bisection, not a sweep
     # nothing passes: no candidate
