@@ -80,7 +80,7 @@ def main() -> None:
         raise FileNotFoundError(f"{Paths.merged_model} is missing: run the merge stage")
     name = reg.name or default_name(params.task.name, params.model.name)
     limits = Limits(margin=reg.margin, max_adapter_params=reg.max_adapter_params, max_latency_ms=reg.max_latency_ms,
-                    min_gain_over_trivial=reg.min_gain_over_trivial)
+                    max_stored_bytes=reg.max_stored_bytes, min_gain_over_trivial=reg.min_gain_over_trivial)
     with StageRun("promote", dump) as run:
         tags = lineage_tags(dump, metrics, meta, Path("."))
         # the merged model as an MLflow Model (the version's source); the adapters ride with the run

@@ -252,6 +252,8 @@ class RegistryParams(_Strict):
     margin: float = Field(0.0, ge=0.0, description="the challenger must beat the champion's score by more than this")
     max_adapter_params: int | None = Field(None, ge=1, description="efficiency limit on stored adapter params")
     max_latency_ms: float | None = Field(None, gt=0, description="efficiency limit on merged-model batch latency")
+    max_stored_bytes: int | None = Field(None, ge=1, description="efficiency limit on the stored adapter file's "
+                                                                 "payload (codes + scales + head)")
     min_gain_over_trivial: float | None = Field(
         0.01, ge=0.0, description="a champion must beat the trivial predictor (majority class, training mean, "
                                   "unadapted base LM) by at least this, in main-metric units; null = only "

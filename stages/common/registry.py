@@ -35,6 +35,8 @@ class Limits:
     margin: float = 0.0
     max_adapter_params: int | None = None
     max_latency_ms: float | None = None
+    #: ceiling on the stored adapter file's payload (metrics' stored_bytes: codes + scales + head)
+    max_stored_bytes: int | None = None
     #: the candidate must beat the trivial predictor (majority class, training mean, unadapted base)
     #: by at least this much in its main metric's units; None = only constant predictions are refused
     min_gain_over_trivial: float | None = 0.01
@@ -108,6 +110,16 @@ def decide(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None, lim
             reasons.append(f"adapter params {size:,.0f} exceed max_adapter_params {limits.max_adapter_params:,}")
         else:
             reasons.append(f"adapter params {size:,.0f} <= max_adapter_params {limits.max_adapter_params:,}")
+    if limits.max_stored_bytes is not None:
+        stored = _number(candidate, "stored_bytes")
+        if stored is None:
+            ok = False
+            reasons.append("stored adapter bytes unknown but max_stored_bytes is set")
+        elif stored > limits.max_stored_bytes:
+            ok = False
+            reasons.append(f"stored bytes {stored:,.0f} exceed max_stored_bytes {limits.max_stored_bytes:,}")
+        else:
+            reasons.append(f"stored bytes {stored:,.0f} <= max_stored_bytes {limits.max_stored_bytes:,}")
     latency = _number(candidate, "latency_merged_ms")
     if limits.max_latency_ms is not None:
         if latency is None:
