@@ -79,22 +79,25 @@ def main() -> None:
         # 2. PEFT format (shared tensors cloned per module; head as modules_to_save)
         if product.compressed is None:
             head_tensors = {k: v for k, v in state.items() if any(k.startswith(h + ".") for h in heads)}
-            export = None if method.no_peft_export_reason else method.export_peft(model, plan, ctx)
+            no_export = method.no_peft_export_reason
+            export = None if no_export else method.export_peft(model, plan, ctx)
         else:  # plain LoRA at the stored ranks, dequantised factors
             head_tensors = dict(product.compressed.head)
-            export = export_lora_family(model)
+            no_export = ("" if product.compressed.stored_params else
+                         "compress trimmed every module to rank 0: the product is the base model and its head")
+            export = None if no_export else export_lora_family(model)
         base = {"base_model_name_or_path": ref.path,
                 "task_type": "CAUSAL_LM" if adapted.loaded.kind == "causal_lm" else "SEQ_CLS",
                 "modules_to_save": heads or None}
         if export is None:
-            write_not_exported(Paths.peft, f"{method.name}: {method.no_peft_export_reason}")
+            write_not_exported(Paths.peft, f"{method.name}: {no_export}")
         else:
             write_peft(Paths.peft, export, base, head_tensors, meta)
 
         # 2b. serve-safe PEFT LoRA: every module at the largest rank (zero-padded), per-module scaling
         # folded into B, so loaders that ignore rank_pattern/alpha_pattern still compute the same model
         if export is None or export.config.get("peft_type") != "LORA":
-            why = (method.no_peft_export_reason if export is None
+            why = (no_export if export is None
                    else f"the PEFT export is {export.config.get('peft_type')}, not LoRA: it has no rank/alpha patterns")
             write_not_exported(SERVE_SAFE, f"{method.name}: {why}")
         else:
