@@ -1,5 +1,7 @@
 """Prefect flow: run several methods (and optionally tasks and seeds) on the same data and budget,
-and write one comparison table (Markdown + CSV), a plot, and an MLflow run holding all three.
+and write one comparison table (Markdown + CSV), a plot, and an MLflow run holding all three (its
+description points to them). The flow run carries the report as a Prefect markdown artifact and one row per
+run as a table artifact (keys ``lora-sieve-compare-<deployment>-summary`` / ``-runs``).
 
 Every combination is one run of :func:`flows.pipeline.pipeline` (so one DVC experiment each);
 only the method/task/seed keys differ, the rest comes from params.yaml plus ``overrides``. The
@@ -24,7 +26,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 
 from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, validate_overrides
-from flows.report import fmt, fmt_int, log_report_run
+from flows.report import fmt, fmt_int, log_report_run, publish_report
 from stages.common.io import atomic_path
 from stages.common.params import ConfigError
 from stages.common.plots import pyplot, save_png
@@ -137,11 +139,12 @@ def compare(methods: list[str], tasks: list[str] | None = None, seeds: list[int]
     params = [validate_overrides(root, o) for o in runs]  # every combination is valid before the first runs
     logger.info("comparing %d runs: methods=%s tasks=%s seeds=%s", len(runs), methods, tasks or "params.yaml",
                 seeds or "params.yaml")
-    rows = []
+    rows, results = [], []
     for o, p in zip(runs, params):
         name = f"cmp-{p.task.name}-{p.method.name}-s{p.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
         result = pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries)
         rows.append(row(result, p.seed, p.task.name, p.method.name))
+        results.append(result)
         logger.info("%s on %s (seed %d): %s = %s", p.method.name, p.task.name, p.seed, rows[-1]["metric"],
                     rows[-1]["score"])
     df = pd.DataFrame(rows, columns=COLUMNS)
@@ -158,8 +161,9 @@ def compare(methods: list[str], tasks: list[str] | None = None, seeds: list[int]
     plot(df, files[2])
     run_id = log_report_run(root, p0.tracking.experiment, files, df,
                          {"methods": ",".join(methods), "overrides": json.dumps(base, default=str)[:5000]})
+    artifacts = publish_report(root, "compare", markdown(df, header), results, rows, run_id)
     print(markdown(df, header))
-    return {"rows": rows, "files": [str(f) for f in files], "mlflow_run_id": run_id}
+    return {"rows": rows, "files": [str(f) for f in files], "mlflow_run_id": run_id, "artifacts": artifacts}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,10 @@
   the same params, with DVC deciding what reruns.
 * The flow opens the MLflow parent run and hands it to the stages (``LORA_SIEVE_PARENT_RUN_ID``);
   a failed flow marks it (and any child left running) FAILED.
+* A finished run tells what it produced (:mod:`flows.summary`): the metric against the trivial predictor,
+  stored parameters and bytes against LoRA's, the promotion decision and its reasons, MLflow links; as a
+  Prefect markdown artifact on the flow run (key ``lora-sieve-pipeline-<deployment>-summary``) and as the
+  MLflow parent run's description.
 
 Usage::
 
@@ -39,6 +43,8 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 
+from flows.artifacts import publish_markdown
+from flows.summary import RunStory, adapter_storage
 from stages.common.git_identity import commit_identity
 from stages.common.params import ConfigError, Params, load_params, set_dotted
 from stages.common.paths import Paths, read_output
@@ -300,8 +306,9 @@ class ParentRun:
 
         dump = params.model_dump()
         name = params.tracking.experiment
-        with store_lock(tracking_uri(root)):  # another process may be creating the store right now
-            self.client = MlflowClient(tracking_uri(root))  # (constructing the client already opens it)
+        self.uri = tracking_uri(root)
+        with store_lock(self.uri):  # another process may be creating the store right now
+            self.client = MlflowClient(self.uri)  # (constructing the client already opens it)
             self.experiment_id = experiment_id(self.client, name, root)
         self.run_id = self.client.create_run(self.experiment_id, tags={
             "mlflow.runName": run_name, "pipeline": "true", "git_commit": git_commit(root),
@@ -353,7 +360,8 @@ def pipeline(overrides: dict[str, Any] | None = None, repo: str = str(ROOT), sta
              experiment_name: str | None = None, save_as_experiment: bool = True,
              retries: int = 2) -> dict[str, Any]:
     """Run the pipeline with dotted param ``overrides``; returns stage statuses, the evaluation
-    metrics, the promotion decision (registered model and version) and the DVC experiment name."""
+    metrics, the promotion decision (registered model and version), the DVC experiment name, the adapter's
+    storage against LoRA's and where the run is tracked (what :meth:`RunStory.from_result` reads)."""
     logger = get_run_logger()
     root = Path(repo).resolve()
     overrides = dict(overrides or {})
@@ -383,13 +391,21 @@ def pipeline(overrides: dict[str, Any] | None = None, repo: str = str(ROOT), sta
             finetune = {k: summary.get(k) for k in ("steps", "seconds", "peak_rss_mb", "peak_cuda_mb", "controller",
                                                     "parameters", "best")}
             saved = save_experiment(str(root), exp_name) if save_as_experiment else None
+            tracking = {"uri": parent.uri, "experiment_id": parent.experiment_id, "method": params.method.name,
+                        "task": params.task.name, "model": params.model.name}
+            storage = adapter_storage(root, metrics)
+            story = RunStory(params.method.name, params.task.name, params.model.name, metrics, storage, decision,
+                             parent.uri, parent.experiment_id, parent.run_id, statuses, saved)
             # a skipped evaluate logged its metrics to an earlier parent: give this run its own copy
             parent.finish(metrics if statuses.get("evaluate") != "ran" else None,
-                          {"dvc.experiment": saved or "", "stages": json.dumps(statuses)})
+                          {"dvc.experiment": saved or "", "stages": json.dumps(statuses),
+                           "mlflow.note.content": story.paragraph()})
         except BaseException as exc:
             if not parent.fail(exc):
                 logger.error("could not mark MLflow run %s FAILED: tracking server unreachable", parent.run_id)
             raise
+    summary_key = publish_markdown(story.markdown(), f"{params.method.name} on {params.task.name}: "
+                                  f"{story.score_text()}; {story.decision_text()}")
     model_version = None
     if decision.get("version"):
         model_version = {k: decision.get(k) for k in ("name", "version", "promoted", "champion")}
@@ -398,7 +414,8 @@ def pipeline(overrides: dict[str, Any] | None = None, repo: str = str(ROOT), sta
         print(f"{metrics.get('main_metric', 'score')} = {metrics.get('score')}")
     return {"stages": statuses, "metrics": metrics, "finetune": finetune, "model_version": model_version,
             "decision": decision,
-            "experiment": saved, "mlflow_run_id": parent.run_id, "overrides": overrides}
+            "experiment": saved, "mlflow_run_id": parent.run_id, "overrides": overrides,
+            "storage": storage.as_dict(), "tracking": tracking, "summary_artifact": summary_key}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,10 @@ DVC's run cache instead of trained again. Outputs::
 
     python -m flows.study --methods lora lora_drop bone bat dora_dr adalora blora --seeds 1 2 3 \\
         -S data.train_size=2000 -S train.epochs=3
+
+The MLflow report run holds the three (its description points to them); the flow run carries the report as a
+Prefect markdown artifact and every run as a row of a table artifact (``lora-sieve-study-<deployment>-summary``
+/ ``-runs``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 
 from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, validate_overrides
-from flows.report import fmt, fmt_int, log_report_run
+from flows.report import fmt, fmt_int, log_report_run, publish_report
 from lora_ops.methods import get_method
 from lora_ops.methods.base import method_class, reference_method
 from stages.common.io import atomic_path
@@ -322,6 +326,7 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
 
     checked = {(t, m): validate_overrides(root, overrides_for(t, m, seeds[0])) for t, m in plan}  # fail early
     rows: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []  # the pipeline results of rows, in order (the Prefect artifacts)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for task, spec in plan:
         p0 = checked[(task, spec)]
@@ -333,8 +338,8 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
             o = overrides_for(task, spec, seeds[0], f, base_lr)
             p = validate_overrides(root, o)
             name = exp_name(p.task.name, label, seeds[0], lr, stamp)
-            sweep.append(study_row(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries),
-                                   p, lr, f, label))
+            results.append(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries))
+            sweep.append(study_row(results[-1], p, lr, f, label))
             logger.info("%s %s seed %d lr %.2e: validation %.4f, dev %.4f", p.task.name, label, seeds[0], lr,
                         sweep[-1]["validation_score"], sweep[-1]["score"])
         chosen = choose_factor(sweep) if len(sweep) > 1 else factors[0]
@@ -346,8 +351,8 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
             o = overrides_for(task, spec, seed, chosen, base_lr)
             p = validate_overrides(root, o)
             name = exp_name(p.task.name, label, seed, lr, stamp)
-            r = study_row(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries), p, lr, chosen,
-                          label)
+            results.append(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries))
+            r = study_row(results[-1], p, lr, chosen, label)
             r["selected"] = True
             rows.append(r)
         logger.info("%s %s: lr factor %g chosen on validation", p0.task.name, label, chosen)
@@ -379,8 +384,10 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     run_id = log_report_run(root, p0.tracking.experiment, files, df[df["selected"]], kind="study", tags={
                          "study": "true", "methods": ",".join(methods), "seeds": ",".join(map(str, seeds)),
                           "overrides": json.dumps(base, default=str)[:5000]})
-    print(markdown(df, header, command))
-    return {"rows": rows, "files": [str(f) for f in files], "mlflow_run_id": run_id}
+    report = markdown(df, header, command or "python -m flows.study ...")
+    artifacts = publish_report(root, "study", report, results, rows, run_id)
+    print(report)
+    return {"rows": rows, "files": [str(f) for f in files], "mlflow_run_id": run_id, "artifacts": artifacts}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,32 @@ def flow_logs(state) -> str:
     return asyncio.run(read())
 
 
+def flow_artifacts(flow_run_id) -> dict[str, SimpleNamespace]:
+    """key -> (type, data) of a flow run's Prefect artifacts, read back through Prefect's client."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as c:
+            return await c.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return {a.key: SimpleNamespace(type=a.type, data=a.data, description=a.description)
+            for a in asyncio.run(read())}
+
+
+def assert_link_opens_the_run(link: str, client, run_id: str) -> None:
+    """A link of a markdown artifact: the MLflow UI answers at its base, and it names the run's experiment."""
+    import urllib.request
+
+    base, route = link.split("/#/")
+    with urllib.request.urlopen(base + "/", timeout=30) as page:
+        assert page.status == 200
+    assert route == f"experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}"
+
+
 def test_flow_run_tracks_registers_and_saves_an_experiment(first, client):
     res, repo = first.result, first.repo
     assert res["stages"] == {s: "ran" for s in STAGES}
@@ -135,6 +161,33 @@ def test_flow_run_tracks_registers_and_saves_an_experiment(first, client):
     assert tags["method"] == "lora_drop" and tags["base_model"] == "minilm" and len(tags["git_commit"]) >= 40
     assert tags["dvc_lock_hash"] != "none" and tags["params_hash"] and tags["decision"] == "promoted"
     assert float(tags["metric.score"]) == res["metrics"]["score"]
+
+
+def test_flow_run_tells_its_story_in_prefect_and_mlflow(first, client, services):
+    """A markdown artifact on the flow run and the MLflow parent run's description say the same: the metric
+    against the trivial predictor, stored parameters and bytes against LoRA's, the decision, the links."""
+    res = first.result
+    score, trivial = res["metrics"]["score"], res["metrics"]["trivial_score"]
+    artifacts = flow_artifacts(first.state.state_details.flow_run_id)
+    assert set(artifacts) == {"lora-sieve-pipeline-local-summary"} and res["summary_artifact"] in artifacts
+    summary = artifacts["lora-sieve-pipeline-local-summary"]
+    assert summary.type == "markdown" and "promoted to champion" in summary.description
+    md = summary.data
+    assert "**registered as sst2-minilm v1 and promoted to champion**" in md
+    assert f"| dev accuracy | {score:.4f} | {trivial:.4f} (always class" in md
+    stored = res["metrics"]["stored_params"]
+    assert f"| stored parameters | {stored:,} | {res['metrics']['plain_lora_params']:,} (" in md
+    assert res["storage"]["stored_bytes"] > 0 and "| stored bytes" in md
+    assert all(f"- {reason}" in md for reason in res["decision"]["reasons"])
+    run_link = re.search(r"MLflow run: \[\w+\]\(([^)]+)\)", md).group(1)
+    assert run_link.startswith(services.proxy.url)  # the tracking URI the run used
+    assert_link_opens_the_run(run_link, client, res["mlflow_run_id"])
+    assert f"[sst2-minilm v1]({services.proxy.url}/#/models/sst2-minilm/versions/1)" in md
+    # the MLflow parent run's description: the same, in one paragraph
+    note = client.get_run(res["mlflow_run_id"]).data.tags["mlflow.note.content"]
+    assert note.startswith(f"lora_drop on sst2 (minilm): dev accuracy {score:.4f} vs {trivial:.4f} for the trivial")
+    assert f"stores {stored:,} adapter parameters" in note and "against LoRA's" in note
+    assert "registered as sst2-minilm v1 and promoted to champion (score gains" in note and "\n" not in note
 
 
 def test_same_result_as_dvc_repro_with_the_same_params(first):
@@ -212,6 +265,14 @@ def test_scheduled_deployment_on_a_prefect_server_runs_when_triggered(first, ser
             assert state == "COMPLETED", f"{state}\n" + (tmp_path / "serve.log").read_text()[-4000:]
             scheduled = [r for r in json.loads(listed) if r["state_type"] == "SCHEDULED"]
             assert scheduled, "the cron schedule should have queued future runs"
+            # its summary is under the deployment's key: the Artifacts page shows the history of nightly runs
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            with temporary_settings({PREFECT_API_URL: api}):
+                artifacts = flow_artifacts(run_id)
+            summary = artifacts["lora-sieve-pipeline-nightly-summary"]
+            assert summary.type == "markdown" and "promoted to champion" in summary.data
+            assert "MLflow run: [" in summary.data and f"{services.proxy.url}/#/experiments/" in summary.data
         finally:
             os.killpg(serve.pid, 2)  # Ctrl-C: the runner pauses the schedule and exits
             try:
@@ -223,7 +284,8 @@ def test_scheduled_deployment_on_a_prefect_server_runs_when_triggered(first, ser
 
 
 def test_compare_writes_table_csv_plot_and_mlflow_run(first, client):
-    res = compare(methods=["lora_drop"], repo=str(first.repo), out_dir="reports")
+    state = compare(methods=["lora_drop"], repo=str(first.repo), out_dir="reports", return_state=True)
+    res = state.result()
     out = first.repo / "reports"
     md = (out / "compare.md").read_text()
     assert "| sst2 | lora_drop | accuracy |" in md and "trainable params" in md
@@ -233,13 +295,29 @@ def test_compare_writes_table_csv_plot_and_mlflow_run(first, client):
     assert res["rows"][0]["score"] == first.result["metrics"]["score"]  # same data, budget, params
     arts = {a.path for a in client.list_artifacts(res["mlflow_run_id"], "compare")}
     assert arts == {"compare/compare.md", "compare/compare.csv", "compare/compare.png"}
+    note = client.get_run(res["mlflow_run_id"]).data.tags["mlflow.note.content"]
+    assert "`compare/compare.md`" in note and "`compare/compare.png`" in note and "lora_drop" in note
+    # the flow run's Prefect artifacts: the report with each run's story, and one table row per run
+    artifacts = flow_artifacts(state.state_details.flow_run_id)
+    assert set(artifacts) == {"lora-sieve-compare-local-summary", "lora-sieve-compare-local-runs"}
+    report = artifacts["lora-sieve-compare-local-summary"]
+    assert report.type == "markdown" and "| sst2 | lora_drop | accuracy |" in report.data
+    assert "**lora_drop** on sst2 seed 42: dev accuracy" in report.data and "not registered" in report.data
+    run_link = re.search(r"MLflow report run: \[\w+\]\(([^)]+)\)", report.data).group(1)
+    assert_link_opens_the_run(run_link, client, res["mlflow_run_id"])
+    table = artifacts["lora-sieve-compare-local-runs"]
+    [row] = json.loads(table.data)
+    assert table.type == "table" and row["method"] == "lora_drop" and row["score"] == res["rows"][0]["score"]
+    assert row["decision"] == "not registered" and row["stored_bytes"] > 0 and row["lora_bytes"] > 0
+    assert_link_opens_the_run(row["mlflow_run"], client, row["mlflow_run_id"])
 
 
 def test_study_sweeps_on_validation_and_reruns_from_the_cache(first, client):
     from flows.study import study
 
     kw = dict(methods=["lora_drop"], seeds=[42, 7], lr_factors=[1.0, 2.0], repo=str(first.repo), out_dir="reports")
-    res = study(**kw)
+    state = study(**kw, return_state=True)
+    res = state.result()
     rows = res["rows"]
     assert [(r["seed"], r["lr_factor"]) for r in rows] == [(42, 1.0), (42, 2.0), (7, rows[2]["lr_factor"])]
     assert not rows[0]["trained"]  # factor 1 is the fixture's run: DVC's cache, not a second training
@@ -253,6 +331,14 @@ def test_study_sweeps_on_validation_and_reruns_from_the_cache(first, client):
     assert (out / "study_pareto.png").read_bytes()[:4] == b"\x89PNG"
     arts = {a.path for a in client.list_artifacts(res["mlflow_run_id"], "study")}
     assert arts == {"study/study.md", "study/study.csv", "study/study_pareto.png"}
+    note = client.get_run(res["mlflow_run_id"]).data.tags["mlflow.note.content"]
+    assert "`study/study.md`" in note and "`study/study_pareto.png`" in note
+    artifacts = flow_artifacts(state.state_details.flow_run_id)
+    table = json.loads(artifacts["lora-sieve-study-local-runs"].data)
+    assert [(r["seed"], r["lr_factor"], r["selected"]) for r in table] == [
+        (r["seed"], r["lr_factor"], r["selected"]) for r in rows]  # one row per run, sweep included
+    assert all(r["mlflow_run"].endswith(f"/runs/{r['mlflow_run_id']}") for r in table)
+    assert "Learning-rate sweep" in artifacts["lora-sieve-study-local-summary"].data
     again = study(**kw)["rows"]  # same params, same code: every run comes back from DVC's run cache
     assert not any(r["trained"] for r in again)
     assert [r["score"] for r in again] == [r["score"] for r in rows]
