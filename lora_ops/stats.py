@@ -1,4 +1,8 @@
-"""Paired, seed-aware statistics for method studies: intervals and verdicts that say what the data support.
+"""Paired, seed-aware statistics: intervals and verdicts that say what the data support.
+
+Used by the method study (differences between methods over seeds) and by the ``compress`` search (is a
+compressed adapter within tolerance of the uncompressed one on validation, beyond the noise of a few
+hundred examples?). Pure numpy/torch, no I/O.
 
 A study compares a method against a reference (``lora``, a peer) on the same dev examples with the same
 seeds. Two sources of noise matter: which seed was drawn (training randomness, often 1-2 points on

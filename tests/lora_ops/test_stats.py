@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flows.stats import (
+from lora_ops.stats import (
     INCONCLUSIVE,
     MET,
     NOT_MET,
