@@ -40,13 +40,14 @@ from lora_ops.compress.adapter import (
 from lora_ops.compress.search import Candidate, search_bits, search_budget, within_tolerance
 from lora_ops.compress.trim import Decomposition
 from lora_ops.methods import get_method
+from lora_ops.stats import SeedRun, paired_difference, task_metric
 from lora_ops.targets import unload
 from lora_ops.training import load_trainable_state
 from stages.common import runtime
 from stages.common.adapted import build_adapted
 from stages.common.calibration import calibration_sample
 from stages.common.context import select_metric, task_of
-from stages.common.evaluation import evaluate_features
+from stages.common.evaluation import evaluate_features, predict, task_metrics
 from stages.common.features import tokenize
 from stages.common.io import atomic_path, read_json, read_parquet, read_safetensors, write_json
 from stages.common.params import CompressParams, Params, load_params
@@ -54,7 +55,8 @@ from stages.common.paths import Paths
 from stages.common.product import tensor_bytes
 from stages.common.tracking import StageRun
 
-CURVE_COLUMNS = ["components", "bits", "stored_bytes", "metric", "within", "chosen"]
+CURVE_COLUMNS = ["components", "bits", "stored_bytes", "metric", "metric_bound", "within", "chosen"]
+BOUND_DRAWS = 1000  # bootstrap draws per candidate's paired bound (~0.1 s on 400 validation examples)
 WIDTHS = (8, 4, 0)  # bits searched (0 = float32 factors), in lora_ops.compress.search.WALK_ORDER
 
 
@@ -170,17 +172,46 @@ class Compressor:
             pair_bytes(ranks[s.key], s.a.shape[1], s.b.shape[0], bits, self.cp.group_size) for s in self.sites)
 
     # ---------------------------------------------------------------- validation
+    @property
+    def paired(self) -> bool:
+        """Candidates are judged by a paired lower bound (a classification or regression metric that the
+        per-example predictions reproduce), not by a loss."""
+        return self.cp.confidence is not None and self.metric_name != "loss"
+
     def _metric(self, weights: dict[str, torch.Tensor]) -> float:
         with torch.no_grad():
             for name, lin in self.linears.items():
                 lin.weight.copy_(weights[name])
         self.evaluations += 1
-        metrics = evaluate_features(self.model, self.validation, self.task, self.params.evaluate.batch_size,
-                                    self.device)
-        return float(metrics[self.metric_name])
+        if not self.paired:
+            metrics = evaluate_features(self.model, self.validation, self.task, self.params.evaluate.batch_size,
+                                        self.device)
+            return float(metrics[self.metric_name])
+        logits = predict(self.model, self.validation, self.params.evaluate.batch_size, self.device)
+        self.last_predictions = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
+        return float(task_metrics(self.task, logits, self.validation["labels"])[self.metric_name])
 
     def reference_metric(self) -> float:
-        return self._metric(self.reference_weights)
+        metric = self._metric(self.reference_weights)
+        if self.paired:
+            self.reference_predictions = self.last_predictions
+        self.reference = metric
+        return metric
+
+    def metric_bound(self) -> float | None:
+        """Lower confidence bound of the last evaluated candidate's metric: the uncompressed metric plus the
+        lower end of a paired bootstrap interval of (candidate - uncompressed) over the validation examples.
+        A 0.5-point tolerance on a few hundred examples is a handful of predictions; judging the bound
+        keeps a candidate that only passed by luck (many flipped predictions, a few net) from being chosen."""
+        if not self.paired:
+            return None
+        labels = self.validation["labels"].numpy()
+        one_sided = self.cp.confidence
+        diff = paired_difference([SeedRun(0, self.last_predictions.numpy(), labels)],
+                                 [SeedRun(0, self.reference_predictions.numpy(), labels)],
+                                 task_metric(self.metric_name), draws=BOUND_DRAWS,
+                                 confidence=1 - 2 * (1 - one_sided), seed=0)
+        return self.reference + min(diff.low, 0.0)  # a gain is no reason to trust a candidate more
 
     def metric(self, pairs: list[StoredPair]) -> float:
         weights = dict(self.base_weights)
@@ -209,7 +240,7 @@ def choose(comp: Compressor) -> tuple[Candidate | None, list[Candidate], float, 
             return comp.metric(comp.pairs(comp.ranks_for(n), bits))
 
         chosen, curve = search_budget(size, evaluate, comp.total, widths, reference, cp.tolerance,
-                                      comp.higher_is_better)
+                                      comp.higher_is_better, bound=lambda _n, _bits: comp.metric_bound())
         return chosen, curve, reference, None
     ranks = comp.ranks_for(None)
     kept = sum(ranks.values())
@@ -217,12 +248,14 @@ def choose(comp: Compressor) -> tuple[Candidate | None, list[Candidate], float, 
     fixed_eval: Callable[[int, int], float] = lambda _n, bits: comp.metric(comp.pairs(ranks, bits))  # noqa: E731
     if cp.bits == "search":
         chosen, curve = search_bits(fixed_size, fixed_eval, kept, widths, reference, cp.tolerance,
-                                    comp.higher_is_better)
+                                    comp.higher_is_better, bound=lambda _n, _bits: comp.metric_bound())
         return chosen, curve, reference, ranks
     # a fixed setting: no search, no tolerance check; its validation metric is still reported
     metric = fixed_eval(kept, widths[0])
+    low = comp.metric_bound()
     cand = Candidate(kept, widths[0], fixed_size(kept, widths[0]), metric,
-                     within_tolerance(metric, reference, cp.tolerance, comp.higher_is_better))
+                     within_tolerance(metric if low is None else low, reference, cp.tolerance, comp.higher_is_better),
+                     low)
     return cand, [cand], reference, ranks
 
 

@@ -30,6 +30,9 @@ class Candidate:
     stored_bytes: int
     metric: float
     within: bool
+    # a lower confidence bound of ``metric`` (higher-is-better) from a paired test against the uncompressed
+    # adapter on the same examples; ``within`` is judged on it, so validation noise cannot pass a candidate
+    metric_bound: float | None = None
 
     def row(self) -> dict[str, float | int | bool]:
         return asdict(self)
@@ -43,10 +46,15 @@ def within_tolerance(metric: float, reference: float, tolerance: float, higher_i
     return metric <= reference * (1.0 + tolerance / 100.0) + 1e-12
 
 
+#: ``bound(components, bits)``: called right after ``evaluate`` for the same candidate; the lower confidence
+#: bound of its metric (see :class:`Candidate`), or None to judge the point estimate
+Bound = Callable[[int, int], float | None]
+
+
 class _Walker:
     def __init__(self, size: Callable[[int, int], int], evaluate: Callable[[int, int], float], reference: float,
-                 tolerance: float, higher_is_better: bool) -> None:
-        self.size, self.evaluate = size, evaluate
+                 tolerance: float, higher_is_better: bool, bound: Bound | None = None) -> None:
+        self.size, self.evaluate, self.bound = size, evaluate, bound
         self.reference, self.tolerance, self.higher = reference, tolerance, higher_is_better
         self.curve: list[Candidate] = []
         self._seen: dict[tuple[int, int], Candidate] = {}
@@ -55,8 +63,10 @@ class _Walker:
         key = (components, bits)
         if key not in self._seen:
             metric = float(self.evaluate(components, bits))
+            low = self.bound(components, bits) if self.bound is not None else None
+            judged = metric if low is None else low
             cand = Candidate(components, bits, int(self.size(components, bits)), metric,
-                             within_tolerance(metric, self.reference, self.tolerance, self.higher))
+                             within_tolerance(judged, self.reference, self.tolerance, self.higher), low)
             self._seen[key] = cand
             self.curve.append(cand)
         return self._seen[key]
@@ -80,12 +90,12 @@ WALK_ORDER = (8, 4, 0)
 
 def search_budget(size: Callable[[int, int], int], evaluate: Callable[[int, int], float], total: int,
                   bits_options: Sequence[int], reference: float, tolerance: float,
-                  higher_is_better: bool = True, resolution: float = 1 / 16
+                  higher_is_better: bool = True, resolution: float = 1 / 16, bound: Bound | None = None
                   ) -> tuple[Candidate | None, list[Candidate]]:
     """The candidate with the fewest stored bytes within the tolerance (None if none) and the walked curve."""
     if total < 0:
         raise ValueError(f"total components must be >= 0, got {total}")
-    walker = _Walker(size, evaluate, reference, tolerance, higher_is_better)
+    walker = _Walker(size, evaluate, reference, tolerance, higher_is_better, bound)
     order = sorted(set(bits_options), key=lambda b: WALK_ORDER.index(b) if b in WALK_ORDER else len(WALK_ORDER))
     best: Candidate | None = None
     for bits in order:
@@ -109,9 +119,10 @@ def search_budget(size: Callable[[int, int], int], evaluate: Callable[[int, int]
 
 def search_bits(size: Callable[[int, int], int], evaluate: Callable[[int, int], float], components: int,
                 bits_options: Sequence[int], reference: float, tolerance: float,
-                higher_is_better: bool = True) -> tuple[Candidate | None, list[Candidate]]:
+                higher_is_better: bool = True, bound: Bound | None = None
+                ) -> tuple[Candidate | None, list[Candidate]]:
     """At a fixed budget, the bit width with the fewest stored bytes within the tolerance."""
-    walker = _Walker(size, evaluate, reference, tolerance, higher_is_better)
+    walker = _Walker(size, evaluate, reference, tolerance, higher_is_better, bound)
     best: Candidate | None = None
     for bits in sorted(set(bits_options), key=lambda b: (b if b else 32)):
         cand = walker.test(components, bits)

@@ -167,6 +167,9 @@ class CompressParams(_Strict):
     tolerance: float = Field(0.5, ge=0.0, description="validation main-metric drop allowed by a search, in points "
                                                       "(percent for a loss)")
     ridge: float = Field(1e-6, ge=0.0, description="ridge of G = Σ(Ax)(Ax)ᵀ relative to tr(G)/r (output criterion)")
+    confidence: float | None = Field(0.95, gt=0.5, lt=1.0, description="a candidate is within tolerance when a "
+                                     "one-sided bound at this confidence (paired bootstrap over the validation "
+                                     "examples, against the uncompressed adapter) is; null = the point estimate")
 
     @field_validator("rank", mode="before")
     @classmethod
