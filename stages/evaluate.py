@@ -19,6 +19,7 @@ from stages.common.io import (
     read_json,
     read_parquet,
     write_json,
+    write_parquet,
 )
 from stages.common.params import load_params
 from stages.common.paths import Paths
@@ -112,6 +113,21 @@ def trivial_baseline(task, logits: torch.Tensor, train_labels: torch.Tensor, lab
             "constant_predictions": constant}
 
 
+def prediction_frame(task, logits: torch.Tensor, labels: torch.Tensor) -> pd.DataFrame:
+    """One row per dev example, in dev order: ``example`` (its index in the dev split), ``prediction`` (the
+    argmax class; for regression the predicted value, float32 as scored) and ``label``: exactly what
+    ``task_metrics`` scored, so a study's bootstrap recomputes the reported metric from it."""
+    pred = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
+    return pd.DataFrame({"example": range(len(labels)), "prediction": pred.detach().cpu().numpy(),
+                         "label": labels.detach().cpu().numpy()})
+
+
+def no_predictions() -> pd.DataFrame:
+    """A causal LM is scored by perplexity on corpora, not per dev example: its predictions file is empty."""
+    return pd.DataFrame({"example": pd.Series(dtype="int64"), "prediction": pd.Series(dtype="float64"),
+                         "label": pd.Series(dtype="float64")})
+
+
 def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -126,7 +142,7 @@ def main() -> None:
         if not (Paths.merged_model / "config.json").is_file():
             raise FileNotFoundError(f"{Paths.merged_model} is missing: run the merge stage")
         if is_lm(task):
-            finish(params, plan, task, run, evaluate_lm(params, plan, device))
+            finish(params, plan, task, run, evaluate_lm(params, plan, device), no_predictions())
             return
         merged = AutoModelForSequenceClassification.from_pretrained(
             str(check_model_folder(Paths.merged_model)), use_safetensors=True).to(device).eval()
@@ -153,7 +169,7 @@ def main() -> None:
         sample_batches = [{k: v[i:i + bs] for k, v in sample.items()} for i in range(0, n_sample, bs)]
         if product.compressed is None:  # the method's own figures describe its own layers, not the compressed pairs
             metrics.update(adapted.method.evaluation_extras(adapted.model, plan, adapted.ctx, sample_batches))
-        finish(params, plan, task, run, metrics)
+        finish(params, plan, task, run, metrics, prediction_frame(task, logits, dev["labels"]))
 
 
 def storage_metrics(plan: dict, compressed: dict) -> dict:
@@ -174,8 +190,8 @@ def storage_metrics(plan: dict, compressed: dict) -> dict:
     return out
 
 
-def finish(params, plan: dict, task, run, metrics: dict) -> None:
-    """Parameter accounting, metrics.json, plots and MLflow logging (shared by every task kind)."""
+def finish(params, plan: dict, task, run, metrics: dict, predictions: pd.DataFrame) -> None:
+    """Parameter accounting, metrics.json, predictions.parquet, plots and MLflow logging (every task kind)."""
     counts = plan["parameters"]
     trained = read_json(Paths.finetune_summary)
     metrics.update({
@@ -207,6 +223,7 @@ def finish(params, plan: dict, task, run, metrics: dict) -> None:
     timings = {k: metrics.pop(k) for k in sorted(metrics) if k in TIMING_KEYS}
     write_json(Paths.metrics, metrics)
     write_json(Paths.timings, timings)
+    write_parquet(Paths.predictions, predictions)
     metrics = {**metrics, **timings}
     Paths.plots.mkdir(parents=True, exist_ok=True)
     plot_loss(pd.read_csv(Paths.history), Paths.plots / "training_loss.png")
@@ -226,6 +243,7 @@ def finish(params, plan: dict, task, run, metrics: dict) -> None:
                  parent=True)
     run.log_artifact(Paths.metrics)
     run.log_artifact(Paths.timings)
+    run.log_artifact(Paths.predictions)
     run.log_artifact(Paths.plots, "plots")
     shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in task.metrics if k in metrics) or \
         ", ".join(f"dev {k}={metrics['dev_' + k]:.4f}" for k in task.metrics)

@@ -45,6 +45,7 @@ class Paths:
     evaluate = root / "evaluate"
     metrics = evaluate / "metrics.json"  # deterministic: quality, sizes, trivial baseline
     timings = evaluate / "timings.json"  # wall time, latency, memory (differ run to run)
+    predictions = evaluate / "predictions.parquet"  # per dev example: prediction and label (paired statistics)
     plots = evaluate / "plots"
     promote = root / "promote"
     decision = promote / "decision.json"  # written only once the registry calls succeeded
