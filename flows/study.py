@@ -8,14 +8,22 @@ seeds run at it. The dev split is only reported. Every run is one :func:`flows.p
 run, saved as a DVC experiment, so a rerun of the study (same params, same code) is restored from
 DVC's run cache instead of trained again. Outputs::
 
-    reports/study.csv          every run, sweep included (column ``selected``)
-    reports/study.md           mean ± std over seeds per task and method, the sweep, the papers' targets
+    reports/study.csv          every run, sweep included (column ``selected``), with its git commit and params hash
+    reports/predictions.parquet  every run's per-example dev predictions (flows.paired)
+    reports/study.md           mean ± std over seeds per task and method, the sweep, the paired differences
+                               (hierarchical bootstrap by seed, then dev example) and the papers' targets
+                               (met / not met / inconclusive, Holm-corrected)
     reports/study_pareto.png   dev metric against stored adapter parameters, one point per method
 
     python -m flows.study --methods lora lora_drop bone bat dora_dr adalora blora --seeds 1 2 3 \\
         -S data.train_size=2000 -S train.epochs=3
 
-The MLflow report run holds the three (its description points to them); the flow run carries the report as a
+Sequential protocol: ``--extend-inconclusive reports/study.csv`` reruns only the (task, method) pairs
+of its inconclusive targets (both sides of each) with more seeds, up to 10; the earlier seeds come back
+from DVC's run cache and the other rows from the earlier study (as ``--append``). Before it starts, the
+study prints its estimated CPU time (:func:`estimate_seconds`).
+
+The MLflow report run holds the files (its description points to them); the flow run carries the report as a
 Prefect markdown artifact and every run as a row of a table artifact (``lora-sieve-study-<deployment>-summary``
 / ``-runs``).
 """
@@ -23,6 +31,7 @@ Prefect markdown artifact and every run as a row of a table artifact (``lora-sie
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -35,21 +44,36 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger
 
+from flows import paired
+from flows.paired import is_peer
 from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, validate_overrides
 from flows.report import fmt, fmt_int, log_report_run, publish_report
 from lora_ops.methods import get_method
 from lora_ops.methods.base import method_class, reference_method
 from stages.common.io import atomic_path
 from stages.common.params import ConfigError, Params
+from stages.common.paths import Paths
 from stages.common.plots import pyplot, save_png
 from stages.common.tracking import git_commit
 
 #: what every run has; a method's own figures (Method.figure_labels) are the other columns
 RUN_COLUMNS = ["task", "method", "seed", "lr", "lr_factor", "selected", "metric", "score", "validation_score",
                "trivial_score", "trainable_params", "stored_params", "pct_of_lora", "train_seconds", "peak_rss_mb",
-               "peak_cuda_mb", "trained", "experiment", "mlflow_run_id", "git"]
+               "peak_cuda_mb", "trained", "experiment", "mlflow_run_id", "git", "params_hash"]
 #: study.csv's layout: the figure columns every earlier study.csv has, where they have always been (--append)
 COLUMNS = RUN_COLUMNS[:13] + ["bops_ratio_adapter", "gates_closed"] + RUN_COLUMNS[13:]
+
+
+#: the rough cost of a run where no earlier study measured one: seconds per optimizer step (MiniLM, batch 32,
+#: 2 CPU cores: 58 s for 189 steps in the December study) and the other stages of one run
+ROUGH_STEP_SECONDS = 0.3
+STAGE_OVERHEAD_SECONDS = 20.0
+
+
+def params_hash(params: Params) -> str:
+    """A run's full validated params, hashed: two rows with the same hash ran the same configuration."""
+    text = json.dumps(params.model_dump(mode="json"), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def recipe_lr(params: Params) -> float:
@@ -116,14 +140,15 @@ def study_row(result: dict[str, Any], params: Params, lr: float, factor: float, 
         "train_seconds": m.get("train_seconds", ft.get("seconds")), "peak_rss_mb": ft.get("peak_rss_mb"),
         "peak_cuda_mb": ft.get("peak_cuda_mb"), "trained": result.get("stages", {}).get("finetune") == "ran",
         "experiment": result.get("experiment"),
-        "mlflow_run_id": result.get("mlflow_run_id"),
+        "mlflow_run_id": result.get("mlflow_run_id"), "params_hash": params_hash(params),
     }
 
 
 def with_earlier_rows(df: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
     """``earlier`` rows first (without the (task, method) pairs ``df`` has run again), then ``df``'s."""
-    if "git" not in earlier.columns:
-        earlier = earlier.assign(git=None)
+    for column in ("git", "params_hash"):
+        if column not in earlier.columns:
+            earlier = earlier.assign(**{column: None})
     ran = set(zip(df["task"], df["method"]))
     keep = earlier[[(t, m) not in ran for t, m in zip(earlier["task"], earlier["method"])]]
     columns = list(dict.fromkeys([*COLUMNS, *earlier.columns, *df.columns]))
@@ -168,32 +193,6 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def targets(s: pd.DataFrame) -> list[tuple[str, str, str]]:
-    """The papers' trends, each declared by its method (Method.paper_targets), checked on the means against
-    the reference method: (target, measured, verdict)."""
-    reference = reference_method()
-    out: list[tuple[str, str, str]] = []
-    for task, g in s.groupby("task", sort=False):
-        by: dict[str, Any] = {}
-        for _, r in g.iterrows():  # a method's first row (plain, or its first variant) stands for it
-            by.setdefault(str(r["method"]).split("[", 1)[0], r)
-        if reference not in by:
-            continue
-        for name in by:
-            cls = method_class(name)
-            if cls is None:
-                continue
-            for what, measured, met in cls().paper_targets(str(task), by, by[reference]):
-                out.append((what, measured, "met" if met else "**not met**"))
-    return out
-
-
-def is_peer(label: str) -> bool:
-    """A peer baseline (PEFT's own alternatives, Method.study_peer): compared against, not compared."""
-    cls = method_class(label)
-    return cls is not None and cls.study_peer
-
-
 def peer_rows(s: pd.DataFrame) -> list[tuple[str, ...]]:
     """Each method against each peer present (same task): dev difference, stored-parameter difference and
     which of the two is better on both axes (the other cases are trade-offs, said as such)."""
@@ -225,8 +224,18 @@ def fmt_figure(v: Any) -> str:
     return fmt_int(v) if float(v) == int(v) or abs(float(v)) >= 10 else fmt(v, 3)
 
 
-def markdown(df: pd.DataFrame, header: str, command: str) -> str:
+def targets(s: pd.DataFrame, preds: pd.DataFrame | None = None, draws: int = paired.DRAWS
+            ) -> list[paired.TargetCheck]:
+    """The papers' trends, each declared by its method (Method.paper_targets) as a paired claim, with a verdict
+    from the selected runs' per-example predictions (``preds``), Holm-corrected across the report."""
+    return paired.check_targets(s, paired.empty() if preds is None else preds, draws=draws)
+
+
+def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | None = None,
+             draws: int = paired.DRAWS) -> str:
+    """The report; ``preds``: the runs' per-example predictions (the paired sections need them)."""
     s = summary(df)
+    chosen = paired.selected(df, paired.empty() if preds is None else preds)
     figures = {c: h for c, h in figure_labels(s["method"]).items() if c in s.columns}
     head = ["task", "method", "metric", "dev (mean ± std)", "n", "lr", "validation", "stored params (mean ± std)",
             "stored % of LoRA", "trainable % of LoRA", *figures.values(), "train s", "peak RSS MB"]
@@ -256,10 +265,8 @@ def markdown(df: pd.DataFrame, header: str, command: str) -> str:
                   "good with fewer parameters):", "",
                   "| task | method | peer | dev Δ (pt) | stored params Δ | verdict |", "|---|---|---|---|---|---|"]
         lines += [f"| {a} | {b} | {c} | {d} | {e} | {f} |" for a, b, c, d, e, f in peers]
-    checks = targets(s)
-    if checks:
-        lines += ["", "Targets (the papers' trends, on the means above):", "", "| target | measured | verdict |",
-                  "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in checks]
+    lines += paired.section(paired.comparisons(s, chosen, draws), draws)
+    lines += paired.targets_section(targets(s, chosen, draws))
     return "\n".join(lines) + "\n"
 
 
@@ -294,25 +301,81 @@ def pareto_chart(df: pd.DataFrame, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- flow
+def estimate_seconds(runs: list[tuple[str, str, int, Params]], earlier: pd.DataFrame | None) -> tuple[float, str]:
+    """CPU seconds the study's runs (task, label, seed, params) should take at most, and how that was estimated:
+    each run's training time is the mean ``train_seconds`` an earlier study.csv measured for its (task, label),
+    else for its task, else ``ROUGH_STEP_SECONDS`` per optimizer step; plus ``STAGE_OVERHEAD_SECONDS`` for the
+    other stages. Runs DVC's run cache already has cost next to nothing: the estimate is an upper bound."""
+    measured: dict[tuple[str, str], float] = {}
+    by_task: dict[str, float] = {}
+    if earlier is not None and "train_seconds" in earlier.columns and len(earlier):
+        secs = earlier.assign(train_seconds=pd.to_numeric(earlier["train_seconds"], errors="coerce"))
+        secs = secs.dropna(subset=["train_seconds"])
+        measured = {(str(t), str(m)): float(v) for (t, m), v in secs.groupby(["task", "method"])["train_seconds"]
+                    .mean().items()}
+        by_task = {str(t): float(v) for t, v in secs.groupby("task")["train_seconds"].mean().items()}
+    total, counts = 0.0, {"measured": 0, "rough": 0}
+    for task, label, _, p in runs:
+        seconds = measured.get((task, label), by_task.get(task))
+        if seconds is None:
+            steps = p.train.epochs * math.ceil(p.data.train_size / p.train.batch_size)
+            seconds = ROUGH_STEP_SECONDS * steps
+            counts["rough"] += 1
+        else:
+            counts["measured"] += 1
+        total += seconds + STAGE_OVERHEAD_SECONDS
+    how = (f"{counts['measured']} runs from the training times an earlier study.csv measured, {counts['rough']} at "
+           f"~{ROUGH_STEP_SECONDS} s per optimizer step; plus ~{STAGE_OVERHEAD_SECONDS:.0f} s per run for the other "
+           "stages; runs in DVC's run cache cost next to nothing")
+    return total, how
+
+
+def shown_path(path: str | Path, root: Path) -> str:
+    """A path as a report may print it: relative to the repository, else the file's name (no machine paths)."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(root).as_posix()
+    except ValueError:
+        return resolved.name
+
+
+def earlier_predictions(csv: str | Path) -> pd.DataFrame:
+    """The predictions file beside an earlier study.csv (empty when that study kept none)."""
+    return paired.read(Path(csv).with_name("predictions.parquet"))
+
+
 @flow(name="lora-sieve-study", log_prints=True)
 def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
           lr_factors: list[float] | None = None, overrides: dict[str, Any] | None = None, repo: str = str(ROOT),
-          out_dir: str = "reports", retries: int = 2, command: str = "", append: str | None = None
-          ) -> dict[str, Any]:
-    """Sweep, then seeds, for every (task, method); write ``<out_dir>/study.{md,csv}`` and the Pareto chart.
+          out_dir: str = "reports", retries: int = 2, command: str = "", append: str | None = None,
+          pairs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Sweep, then seeds, for every (task, method); write ``<out_dir>/study.{md,csv}``, the runs' per-example
+    predictions (``predictions.parquet``) and the Pareto chart.
 
-    ``append``: an earlier ``study.csv`` whose rows are kept, except those of the (task, method) pairs
-    run now; every row carries the git commit it ran at, so the report says which code made it."""
+    ``append``: an earlier ``study.csv`` whose rows (and predictions, from the ``predictions.parquet`` beside it)
+    are kept, except those of the (task, method) pairs run now; every row carries the git commit it ran at and
+    its params hash, so the report says which code and configuration made it. ``pairs``: instead of
+    ``tasks`` x ``methods`` x ``seeds``, the pairs to run, each ``{"task", "method", "seeds", "lr_factors"}``
+    (the sequential protocol's extension)."""
     logger = get_run_logger()
     root = Path(repo).resolve()
     base = {**(overrides or {}), "registry.enabled": False}  # a study must not move the champion
-    factors = sorted(set(lr_factors or [1.0]))
-    if not methods or not seeds:
+    if pairs is None:
+        if not methods or not seeds:
+            raise ConfigError("a study needs at least one method and one seed")
+        factors = sorted(set(lr_factors or [1.0]))
+        plan = [(t, m, list(seeds), factors) for t in (tasks or [None]) for m in methods]
+    else:
+        plan = [(p.get("task"), str(p["method"]), [int(x) for x in p["seeds"]],
+                 sorted({float(f) for f in p.get("lr_factors") or [1.0]})) for p in pairs]
+        methods = list(dict.fromkeys(m for _, m, _, _ in plan))
+        seeds = sorted({x for _, _, ss, _ in plan for x in ss})
+        factors = sorted({f for *_, fs in plan for f in fs})
+    if not plan or any(not ss for _, _, ss, _ in plan):
         raise ConfigError("a study needs at least one method and one seed")
-    if any(f <= 0 for f in factors):
+    if any(f <= 0 for *_, fs in plan for f in fs):
         raise ConfigError(f"lr factors must be > 0, got {factors}")
-    variants = {spec: parse_variant(spec) for spec in methods}
-    plan = [(t, m) for t in (tasks or [None]) for m in methods]
+    variants = {spec: parse_variant(spec) for _, spec, _, _ in plan}
 
     def overrides_for(task: str | None, spec: str, seed: int, factor: float = 1.0,
                       base_lr: float = 0.0) -> dict[str, Any]:
@@ -324,35 +387,44 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
             o[f"{method}.recipe.lr"] = scaled(base_lr, factor)
         return o
 
-    checked = {(t, m): validate_overrides(root, overrides_for(t, m, seeds[0])) for t, m in plan}  # fail early
+    checked = {(t, m): validate_overrides(root, overrides_for(t, m, ss[0])) for t, m, ss, _ in plan}  # fail early
+    earlier_csv = Path(append) if append else root / out_dir / "study.csv"
+    earlier = pd.read_csv(earlier_csv) if earlier_csv.is_file() else None
+    planned = [(checked[(t, m)].task.name, variants[m][0], seed, checked[(t, m)])
+               for t, m, ss, fs in plan for seed in [ss[0]] * len(fs) + ss[1:]]
+    seconds, how = estimate_seconds(planned, earlier)
+    print(f"study: {len(planned)} runs, estimated CPU time at most {seconds / 3600:.2f} h ({how})")
     rows: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []  # the pipeline results of rows, in order (the Prefect artifacts)
+    frames: list[pd.DataFrame | None] = []  # each run's per-example predictions
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for task, spec in plan:
+
+    def run(task: str | None, spec: str, seed: int, factor: float, base_lr: float) -> dict[str, Any]:
+        label = variants[spec][0]
+        lr = scaled(base_lr, factor)
+        o = overrides_for(task, spec, seed, factor, base_lr)
+        p = validate_overrides(root, o)
+        name = exp_name(p.task.name, label, seed, lr, stamp)
+        results.append(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries))
+        row = study_row(results[-1], p, lr, factor, label)
+        frames.append(paired.run_predictions(root / Paths.predictions, row))  # before the next run replaces it
+        return row
+
+    for task, spec, pair_seeds, pair_factors in plan:
         p0 = checked[(task, spec)]
-        label, method, _ = variants[spec]
+        label = variants[spec][0]
         base_lr = recipe_lr(p0)
         sweep = []
-        for f in factors:
-            lr = scaled(base_lr, f)
-            o = overrides_for(task, spec, seeds[0], f, base_lr)
-            p = validate_overrides(root, o)
-            name = exp_name(p.task.name, label, seeds[0], lr, stamp)
-            results.append(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries))
-            sweep.append(study_row(results[-1], p, lr, f, label))
-            logger.info("%s %s seed %d lr %.2e: validation %.4f, dev %.4f", p.task.name, label, seeds[0], lr,
-                        sweep[-1]["validation_score"], sweep[-1]["score"])
-        chosen = choose_factor(sweep) if len(sweep) > 1 else factors[0]
+        for f in pair_factors:
+            sweep.append(run(task, spec, pair_seeds[0], f, base_lr))
+            logger.info("%s %s seed %d lr %.2e: validation %.4f, dev %.4f", p0.task.name, label, pair_seeds[0],
+                        sweep[-1]["lr"], sweep[-1]["validation_score"], sweep[-1]["score"])
+        chosen = choose_factor(sweep) if len(sweep) > 1 else pair_factors[0]
         for r in sweep:
             r["selected"] = r["lr_factor"] == chosen
         rows += sweep
-        lr = scaled(base_lr, chosen)
-        for seed in seeds[1:]:
-            o = overrides_for(task, spec, seed, chosen, base_lr)
-            p = validate_overrides(root, o)
-            name = exp_name(p.task.name, label, seed, lr, stamp)
-            results.append(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries))
-            r = study_row(results[-1], p, lr, chosen, label)
+        for seed in pair_seeds[1:]:
+            r = run(task, spec, seed, chosen, base_lr)
             r["selected"] = True
             rows.append(r)
         logger.info("%s %s: lr factor %g chosen on validation", p0.task.name, label, chosen)
@@ -360,40 +432,59 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     for r in rows:
         r["git"] = commit
     df = pd.DataFrame(rows, columns=columns_of(rows))
+    preds = paired.combine(frames)
     ran = set(zip(df["task"], df["method"]))
     if append:
         df = with_earlier_rows(df, pd.read_csv(append))
+        preds = paired.with_earlier(preds, earlier_predictions(append))
     out = root / out_dir
     p0 = next(iter(checked.values()))
     header = (f"# Method study\n\nModel `{p0.model.name}`, {p0.data.train_size} training examples "
               f"(validation {p0.data.validation_size} carved from train), {p0.train.epochs} epochs, batch "
               f"{p0.train.batch_size}, adapter rank {p0.adapter.rank} on `{p0.adapter.targets}`; seeds {seeds}; "
-              f"lr factors {factors} of each method's recipe lr, chosen on validation with seed {seeds[0]}. "
+              f"lr factors {factors} of each method's recipe lr, chosen on validation with the first seed. "
               f"Dev metric = the full dev split, never used for a choice. git {commit}, "
               f"{time.strftime('%Y-%m-%d')}.")
     if append:
         kept = sorted(set(df["method"]) - {m for _, m in ran})
-        header += (f" Rows of {', '.join(kept)} kept from `{append}` (column `git` of study.csv: the commit each row ran at); the rows of "
+        header += (f" Rows of {', '.join(kept)} kept from `{shown_path(append, root)}` (columns `git` and "
+                   f"`params_hash` of study.csv: the commit and configuration each row ran at); the rows of "
                    f"{', '.join(methods)} ran now.")
-    files = [out / "study.md", out / "study.csv", out / "study_pareto.png"]
+    files = [out / "study.md", out / "study.csv", out / "study_pareto.png", out / "predictions.parquet"]
+    report = markdown(df, header, command or "python -m flows.study ...", preds)
     with atomic_path(files[1]) as tmp:
         df.to_csv(tmp, index=False)
+    paired.write(files[3], preds)
     with atomic_path(files[0]) as tmp:
-        tmp.write_text(markdown(df, header, command or "python -m flows.study ..."))
+        tmp.write_text(report)
     pareto_chart(df, files[2])
     run_id = log_report_run(root, p0.tracking.experiment, files, df[df["selected"]], kind="study", tags={
                          "study": "true", "methods": ",".join(methods), "seeds": ",".join(map(str, seeds)),
                           "overrides": json.dumps(base, default=str)[:5000]})
-    report = markdown(df, header, command or "python -m flows.study ...")
     artifacts = publish_report(root, "study", report, results, rows, run_id)
     print(report)
     return {"rows": rows, "files": [str(f) for f in files], "mlflow_run_id": run_id, "artifacts": artifacts}
 
 
+def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[dict[str, Any]]:
+    """The sequential protocol's next step for an earlier study: its inconclusive targets' (task, method) pairs
+    with their seeds extended (:func:`flows.paired.extension`) and the lr factors their sweep tried."""
+    df = pd.read_csv(csv)
+    df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
+    preds = paired.selected(df, earlier_predictions(csv))
+    plan = paired.extension(df, targets(summary(df), preds), max_seeds)
+    out = []
+    for (task, label), seeds in plan.items():
+        g = df[(df["task"] == task) & (df["method"] == label)]
+        out.append({"task": task, "method": label, "seeds": seeds,
+                    "lr_factors": sorted({float(f) for f in g["lr_factor"]})})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Seeded method study with a per-method lr sweep on validation.")
-    ap.add_argument("--methods", nargs="+", required=True)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--methods", nargs="+")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     ap.add_argument("--tasks", nargs="+")
     ap.add_argument("--lr-factors", nargs="+", type=float, default=[0.5, 1.0, 2.0],
                     help="multiples of each method's recipe lr tried on the first seed")
@@ -403,25 +494,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="reports")
     ap.add_argument("--append", metavar="STUDY_CSV",
                     help="keep the rows of an earlier study.csv (except the methods run now) in the report")
+    ap.add_argument("--extend-inconclusive", metavar="STUDY_CSV",
+                    help="rerun only the (task, method) pairs of this study's inconclusive targets with more seeds "
+                         f"(5 more, up to {paired.MAX_SEEDS}), keeping its other rows; pass the same -S settings as "
+                         "the study it extends (its earlier seeds then come from DVC's run cache)")
     args = ap.parse_args(argv)
     root = Path(args.repo).resolve()
+    pairs = None
+    if args.extend_inconclusive:
+        if not Path(args.extend_inconclusive).is_file():
+            print(f"error: --extend-inconclusive {args.extend_inconclusive}: no such study.csv", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        pairs = extension_pairs(args.extend_inconclusive)
+        if not pairs:
+            print("study: no inconclusive target left to extend (or every one is at "
+                  f"{paired.MAX_SEEDS} seeds)")
+            return 0
+        args.append = args.extend_inconclusive
+    elif not args.methods:
+        print("error: --methods is required (or --extend-inconclusive STUDY_CSV)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.append and not Path(args.append).is_file():
         print(f"error: --append {args.append}: no such study.csv", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         overrides = dict(parse_override(s) for s in args.set)
-        for t in args.tasks or [None]:
-            for spec in args.methods:
-                _, m, settings = parse_variant(spec)
-                o = {**overrides, **settings, "method.name": m} | ({"task.name": t} if t else {})
-                validate_overrides(root, o)
+        specs = [(p["task"], p["method"]) for p in pairs] if pairs is not None else \
+            [(t, m) for t in args.tasks or [None] for m in args.methods]
+        for t, spec in specs:
+            _, m, settings = parse_variant(spec)
+            o = {**overrides, **settings, "method.name": m} | ({"task.name": t} if t else {})
+            validate_overrides(root, o)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     command = "python -m flows.study " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = study(methods=args.methods, seeds=args.seeds, tasks=args.tasks, lr_factors=args.lr_factors,
+    result = study(methods=args.methods or [], seeds=args.seeds, tasks=args.tasks, lr_factors=args.lr_factors,
                    overrides=overrides, repo=str(root), out_dir=args.out, command=command,
-                   append=args.append)
+                   append=args.append, pairs=pairs)
     print("\n".join(result["files"]))
     return 0
 

@@ -17,7 +17,7 @@ branches on a method's id:
 =================  =============================================================
 ``check_shapes``   settings impossible on the model's shapes (rank > width...)
 ``report_figures`` method-specific figures of a run (gates closed...) and ``figure_labels``
-``paper_targets``  the trends its paper reports, checked on a study's means
+``paper_targets``  the trends its paper reports, as paired claims the study gives verdicts on
 ``reference``      the study's baseline (plain LoRA); ``study_peer``: a peer baseline
 ``compress_skip_reason``  why ``compress`` does not apply (block adapters, a pruned base)
 =================  =============================================================
@@ -74,8 +74,23 @@ class ShapeMismatch(ValueError):
         self.message = message
 
 
-#: one paper target checked in a study: (what, measured, met)
-PaperTarget = tuple[str, str, bool]
+@dataclass(frozen=True)
+class PaperTarget:
+    """One trend of a method's paper, as a **paired claim** the study tests on per-example predictions:
+    ``method − against > threshold`` points of the task's dev metric, paired by seed (``"within 1 pt of
+    LoRA"`` is ``threshold=-1``; ``"at least as good as bone"`` is ``against="bone", threshold=0``).
+
+    ``against``: the id of the method compared with (None: the study's reference method). ``condition``: an
+    optional deterministic side-condition, measured on the study's means and said in words (``"55.0 % of
+    LoRA's stored params (<= 60 %)"``); ``condition_met`` False makes the target *not met*, whatever the
+    interval says. The study gives the verdict (met / not met / inconclusive, Holm-corrected across all
+    targets of its report); the method only states the claim."""
+
+    what: str
+    threshold: float
+    against: str | None = None
+    condition: str = ""
+    condition_met: bool = True
 
 
 @dataclass
@@ -202,9 +217,10 @@ class Method(Generic[P]):
 
     def paper_targets(self, task: str, rows: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any]
                       ) -> list[PaperTarget]:
-        """The trends the method's paper reports, checked on a study's means for ``task``: ``rows`` maps each
-        method present (by id) to its mean row (``method`` label, ``score_mean``, ``stored_mean``, figures),
-        ``reference`` is the reference method's row. Each target: (what, measured, met). Default: none."""
+        """The trends the method's paper reports for ``task``, as paired claims (:class:`PaperTarget`): ``rows``
+        maps each method present (by id) to its mean row (``method`` label, ``score_mean``, ``stored_mean``,
+        figures), ``reference`` is the reference method's row; the means serve deterministic side-conditions
+        (stored share, BOPs) only: the quality claim is the study's paired interval. Default: none."""
         return []
 
 

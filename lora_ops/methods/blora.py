@@ -36,7 +36,7 @@ from lora_ops.adapters.blora import (
 )
 from lora_ops.adapters.lora import lora_scale
 from lora_ops.data import BatchSource
-from lora_ops.methods.base import Method, MethodContext, PaperTarget, check_rank_fits, points_gap, register
+from lora_ops.methods.base import Method, MethodContext, PaperTarget, check_rank_fits, register
 from lora_ops.methods.recipe import MethodParams, Recipe
 from lora_ops.quant import validate_bits
 from lora_ops.targets import Target, inject, unload
@@ -270,10 +270,10 @@ class BLoRA(Method[BLoRAParams]):
     def paper_targets(self, task: str, rows: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any]
                       ) -> list[PaperTarget]:
         me = rows[self.name]
-        gap, ratio, closed = points_gap(me, reference), me["bops_ratio_adapter"], me["gates_closed"]
-        return [(f"{task}: blora within 1 pt at <= 0.5x a 16-bit LoRA's adapter BOPs, gates closed",
-                 f"{gap:+.2f} pt, {ratio:.3f}x BOPs, {closed:.0f} gates closed",
-                 bool(gap >= -1 and ratio <= 0.5 and closed > 0))]
+        ratio, closed = float(me["bops_ratio_adapter"]), float(me["gates_closed"])
+        return [PaperTarget(f"{task}: blora within 1 pt at <= 0.5x a 16-bit LoRA's adapter BOPs, gates closed",
+                            -1.0, condition=f"{ratio:.3f}x BOPs (<= 0.5x), {closed:.0f} gates closed (> 0)",
+                            condition_met=bool(ratio <= 0.5 and closed > 0))]
 
     # ----------------------------------------------------- blora-only verbs
     def export_quantized(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -26,7 +26,7 @@ from torch import nn
 from lora_ops import distributed as dist
 from lora_ops.adapters.dora_dr import DoRADRLinear, dora_shares
 from lora_ops.methods.allocation import AllocationParams, RankAllocationMethod
-from lora_ops.methods.base import MethodContext, PaperTarget, points_gap, register
+from lora_ops.methods.base import MethodContext, PaperTarget, register
 from lora_ops.methods.recipe import Recipe
 from lora_ops.rank_allocation import (
     RankAllocationController,
@@ -198,11 +198,9 @@ class DoRADR(RankAllocationMethod[DoRADRParams]):
 
     def paper_targets(self, task: str, rows: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any]
                       ) -> list[PaperTarget]:
-        gap = points_gap(rows[self.name], reference)
-        out = [(f"{task}: dora_dr within 0.5 pt of lora", f"{gap:+.2f} pt", gap >= -0.5)]
+        out = [PaperTarget(f"{task}: dora_dr within 0.5 pt of lora", -0.5)]
         if "adalora" in rows:
-            d = points_gap(rows[self.name], rows["adalora"])
-            out.append((f"{task}: dora_dr >= adalora", f"{d:+.2f} pt", d >= 0))
+            out.append(PaperTarget(f"{task}: dora_dr >= adalora", 0.0, against="adalora"))
         return out
 
     def controller(self, model: nn.Module, plan: dict[str, Any], ctx: MethodContext[DoRADRParams]) -> DoRADRController:

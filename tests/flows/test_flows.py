@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import yaml
 from support.helpers import no_git_identity, run, scratch_repo
@@ -330,7 +331,10 @@ def test_study_sweeps_on_validation_and_reruns_from_the_cache(first, client):
     assert "| sst2 | lora_drop | accuracy |" in md and "Learning-rate sweep" in md
     assert (out / "study_pareto.png").read_bytes()[:4] == b"\x89PNG"
     arts = {a.path for a in client.list_artifacts(res["mlflow_run_id"], "study")}
-    assert arts == {"study/study.md", "study/study.csv", "study/study_pareto.png"}
+    assert arts == {"study/study.md", "study/study.csv", "study/study_pareto.png", "study/predictions.parquet"}
+    preds = pd.read_parquet(out / "predictions.parquet")  # every run's per-example dev predictions
+    assert sorted(set(zip(preds["seed"], preds["lr_factor"]))) == sorted((r["seed"], r["lr_factor"]) for r in rows)
+    assert "## Paired differences" not in md  # lora_drop alone: nothing to pair with
     note = client.get_run(res["mlflow_run_id"]).data.tags["mlflow.note.content"]
     assert "`study/study.md`" in note and "`study/study_pareto.png`" in note
     artifacts = flow_artifacts(state.state_details.flow_run_id)

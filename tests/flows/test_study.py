@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
+import flows.paired as paired
 from flows.study import (
     COLUMNS,
     choose_factor,
+    estimate_seconds,
+    extension_pairs,
     markdown,
     pareto_chart,
     parse_variant,
     peer_rows,
+    shown_path,
     summary,
     targets,
     with_earlier_rows,
 )
 from lora_ops.methods import get_method
 from lora_ops.methods.blora import BLoRAParams
-from stages.common.params import ConfigError
+from stages.common.params import ConfigError, load_params
+
+N = 400  # dev examples of the constructed runs
+LABELS = np.arange(N) % 2
 
 
 def _row(method, seed, score, stored, factor=1.0, selected=True, validation=None, **kw):
@@ -29,6 +37,44 @@ def _row(method, seed, score, stored, factor=1.0, selected=True, validation=None
              train_seconds=10.0, peak_rss_mb=900.0, trained=True)
     r.update(kw)
     return r
+
+
+def _lora_predictions(seed):
+    """LoRA's seed ``seed``: right on the first 336 + 2 * (seed - 1) dev examples, wrong on the rest."""
+    right = 336 + 2 * (seed - 1)
+    return np.where(np.arange(N) < right, LABELS, 1 - LABELS)
+
+
+def _shifted(seed, delta):
+    """LoRA's predictions with ``delta`` examples changed: negative turns right ones wrong, positive the reverse."""
+    p = _lora_predictions(seed).copy()
+    right = 336 + 2 * (seed - 1)
+    idx = range(right - 1, right - 1 + delta, -1) if delta < 0 else range(right, right + delta)
+    for i in idx:
+        p[i] = 1 - p[i]
+    return p
+
+
+def _run(method, seed, predictions, stored, factor=1.0, **kw):
+    """A study row and its per-example predictions, the score computed from them."""
+    row = _row(method, seed, float(np.mean(predictions == LABELS)), stored, factor, **kw)
+    preds = pd.DataFrame({"task": "sst2", "method": method, "seed": seed, "lr_factor": factor,
+                          "example": np.arange(N), "prediction": predictions, "label": LABELS})
+    return row, preds
+
+
+def _study(lora_drop_stored=550):
+    """lora_drop −0.25 pt every seed (met), bone −4.5 pt (not met), bat +1 pt over bone (met), blora −3/+1/+1 pt
+    (inconclusive): rows and predictions, as a study writes them."""
+    runs = [_run("lora", s, _lora_predictions(s), 1000) for s in (1, 2, 3)]
+    runs += [_run("lora_drop", s, _shifted(s, -1), lora_drop_stored) for s in (1, 2, 3)]
+    runs += [_run("bone", s, _shifted(s, -18), 1000) for s in (1, 2, 3)]
+    runs += [_run("bat", s, _shifted(s, -14), 1000) for s in (1, 2, 3)]
+    runs += [_run("blora", s, _shifted(s, d), 1000, bops_ratio_adapter=0.4, gates_closed=12)
+             for s, d in ((1, -12), (2, 4), (3, 4))]
+    runs.append(_run("lora", 1, 1 - LABELS, 1000, factor=2.0, selected=False))  # a sweep run: not compared
+    df = pd.DataFrame([r for r, _ in runs], columns=COLUMNS)
+    return df, paired.combine([p for _, p in runs])
 
 
 def test_lr_choice_uses_validation_and_prefers_the_recipe_on_ties():
@@ -49,23 +95,81 @@ def test_closed_gates_counts_rank_and_bit_levels():
 
 
 def test_summary_targets_report_and_chart(tmp_path):
-    rows = [_row("lora", s, 0.84 + 0.002 * s, 1000) for s in (1, 2, 3)]
-    rows += [_row("lora_drop", s, 0.835, 550) for s in (1, 2, 3)]  # 55 %, -0.7 pt: met
-    rows += [_row("bone", s, 0.80, 1000) for s in (1, 2, 3)]  # -4.4 pt: not met
-    rows += [_row("bat", s, 0.81, 1000) for s in (1, 2, 3)]
-    rows += [_row("blora", s, 0.84, 1000, bops_ratio_adapter=0.4, gates_closed=12) for s in (1, 2, 3)]
-    rows.append(_row("lora", 1, 0.70, 1000, factor=2.0, selected=False))  # a sweep run: not in the means
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    df, preds = _study()
     s = summary(df)
     lora = s[s["method"] == "lora"].iloc[0]
-    assert lora["n"] == 3 and lora["score_mean"] == pytest.approx(0.844) and lora["score_std"] == pytest.approx(0.002)
-    verdicts = {t.split(": ", 1)[1].split(" ")[0]: v for t, _, v in targets(s)}
-    assert verdicts == {"lora_drop": "met", "bone": "**not met**", "bat": "met", "blora": "met"}
-    md = markdown(df, "# Method study", "python -m flows.study --methods lora")
-    assert "| sst2 | lora | accuracy | 0.8440 ± 0.0020 | 3 |" in md
-    assert "| sst2 | lora | 2 | 2.0e-03 | 0.7000 | 0.7000 |  |" in md  # the sweep row, not chosen
+    assert lora["n"] == 3 and lora["score_mean"] == pytest.approx(0.845) and lora["score_std"] == pytest.approx(0.005)
+    chosen = paired.selected(df, preds)
+    assert len(chosen) == 15 * N  # the sweep run's predictions are not compared
+    verdicts = {c.method: c.verdict for c in targets(s, chosen, draws=500)}
+    assert verdicts == {"lora_drop": "met", "bone": "not met", "bat": "met", "blora": "inconclusive"}
+    md = markdown(df, "# Method study", "python -m flows.study --methods lora", preds, draws=500)
+    assert "| sst2 | lora | accuracy | 0.8450 ± 0.0050 | 3 |" in md
+    assert "| sst2 | lora | 2 | 2.0e-03 | 0.0000 | 0.0000 |  |" in md  # the sweep row, not chosen
+    assert "## Paired differences" in md
+    assert "| sst2 | lora_drop | lora | accuracy | -0.25 | [" in md and "| 3 | s1 -0.25, s2 -0.25, s3 -0.25 |" in md
+    assert "| sst2 | bone | lora | accuracy | -4.50 | [" in md and "| **lower** |" in md
+    assert "| sst2 | blora | lora | accuracy | -0.33 |" in md and "s1 -3.00, s2 +1.00, s3 +1.00" in md
+    assert "| sst2: bat >= bone | bone | +0 | +1.00 [" in md
+    assert "| sst2: bone within 1 pt of lora (equal params) | lora | -1 |" in md and "| **not met** |" in md
+    assert "55.0 % of LoRA's stored params (<= 60 %) | met |" in md
+    assert md == markdown(df, "# Method study", "python -m flows.study --methods lora", preds, draws=500)
     pareto_chart(df, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_holm_runs_across_all_targets_and_a_failed_condition_is_not_met(monkeypatch):
+    df, preds = _study(lora_drop_stored=700)  # 70 % of LoRA's stored params: the side-condition fails
+    families = []
+    real = paired.verdicts
+
+    def spy(targets, alpha=0.05):
+        families.append([t.name for t in targets])
+        return real(targets, alpha)
+
+    monkeypatch.setattr(paired, "verdicts", spy)
+    checks = targets(summary(df), paired.selected(df, preds), draws=500)
+    assert families == [[c.target.what for c in checks]] and len(checks) == 4  # one family: the whole report
+    (drop,) = [c for c in checks if c.method == "lora_drop"]
+    assert drop.verdict == "not met" and "70.0 %" in drop.measured  # whatever its interval says
+    assert drop.difference is not None and drop.difference.low > -1
+
+
+def test_targets_without_predictions_are_inconclusive_not_judged_on_means():
+    df, _ = _study()
+    checks = targets(summary(df))
+    assert {c.verdict for c in checks} == {"inconclusive"}
+    assert all(c.measured.startswith("no per-example predictions") for c in checks)
+    assert "no per-example predictions on a common seed" in markdown(df, "# Method study", "cmd")
+
+
+def test_extension_reruns_only_inconclusive_pairs_on_both_sides(tmp_path):
+    df, preds = _study()
+    df.to_csv(tmp_path / "study.csv", index=False)
+    paired.write(tmp_path / "predictions.parquet", preds)
+    assert paired.read(tmp_path / "predictions.parquet").equals(preds)  # the file round-trips
+    pairs = extension_pairs(tmp_path / "study.csv", max_seeds=10)
+    # blora vs lora is inconclusive: both get 5 more seeds (paired on common seeds); the lr sweep is kept
+    assert pairs == [{"task": "sst2", "method": "blora", "seeds": [1, 2, 3, 4, 5, 6, 7, 8], "lr_factors": [1.0]},
+                     {"task": "sst2", "method": "lora", "seeds": [1, 2, 3, 4, 5, 6, 7, 8], "lr_factors": [1.0, 2.0]}]
+    assert extension_pairs(tmp_path / "study.csv", max_seeds=3) == []  # at the cap: nothing to extend
+
+
+def test_cpu_estimate_uses_measured_times_else_a_rough_step_cost():
+    p = load_params(overrides={"data.train_size": 640, "train.batch_size": 32, "train.epochs": 2})
+    runs = [("sst2", "lora", 1, p), ("sst2", "eva", 1, p), ("cola", "lora", 1, p)]
+    earlier = pd.DataFrame([_row("lora", s, 0.8, 1000) for s in (1, 2)] + [_row("bone", 1, 0.8, 1000)])
+    earlier.loc[2, "train_seconds"] = 40.0
+    seconds, how = estimate_seconds(runs, earlier)
+    # lora measured 10 s; eva: sst2's mean (10 + 10 + 40) / 3 = 20 s; cola: 40 steps at the rough cost
+    assert seconds == pytest.approx(10 + 20 + 40 * 0.3 + 3 * 20)
+    assert "2 runs from the training times" in how and "1 at" in how
+    assert estimate_seconds(runs[:1], None)[0] == pytest.approx(40 * 0.3 + 20)
+
+
+def test_report_paths_are_relative_to_the_repository(tmp_path):
+    assert shown_path(tmp_path / "reports" / "study.csv", tmp_path) == "reports/study.csv"
+    assert shown_path("/elsewhere/clone/reports/study.csv", tmp_path) == "study.csv"
 
 
 def test_method_variants_parse_to_overrides():
@@ -104,3 +208,13 @@ def test_append_keeps_earlier_rows_except_the_methods_run_again(tmp_path):
     assert merged["selected"].dtype == bool and merged["selected"].all()
     assert list(merged["git"].fillna("")) == ["", "", "abc123", "abc123"]
     assert summary(merged).set_index("method").loc["eva", "score_mean"] == pytest.approx(0.83)
+    assert merged["params_hash"].isna().all()  # an older study.csv without the column
+
+
+def test_append_merges_predictions_as_the_csv():
+    earlier = paired.combine([_run(m, s, _lora_predictions(s), 1000)[1] for m in ("lora", "eva") for s in (1, 2)])
+    now = paired.combine([_run("eva", s, _shifted(s, -2), 900)[1] for s in (1, 2, 3)])
+    merged = paired.with_earlier(now, earlier)
+    assert list(merged.drop_duplicates(["method", "seed"])[["method", "seed"]].itertuples(index=False, name=None)) == [
+        ("lora", 1), ("lora", 2), ("eva", 1), ("eva", 2), ("eva", 3)]  # the earlier eva runs are replaced
+    assert len(merged) == 5 * N and list(merged.columns) == paired.COLUMNS

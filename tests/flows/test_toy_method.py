@@ -16,6 +16,7 @@ from pydantic import Field
 from support.helpers import scratch_repo
 from torch import nn
 
+import flows.paired as paired
 import flows.study as study_flow
 from lora_ops.adapters.base import AdapterLayer
 from lora_ops.methods.base import (
@@ -23,7 +24,6 @@ from lora_ops.methods.base import (
     MethodContext,
     PaperTarget,
     ShapeMismatch,
-    points_gap,
     register,
     unregister,
 )
@@ -80,8 +80,8 @@ class Toy(Method[ToyParams]):
 
     def paper_targets(self, task: str, rows: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any]
                       ) -> list[PaperTarget]:
-        gap = points_gap(rows[self.name], reference)
-        return [(f"{task}: toy within 50 pt of lora", f"{gap:+.2f} pt", gap >= -50)]
+        return [PaperTarget(f"{task}: toy within 50 pt of lora", -50.0, condition="adapts its roles",
+                            condition_met=bool(rows[self.name]["toy_modules"] > 0))]
 
 
 @pytest.fixture
@@ -135,9 +135,17 @@ def test_toy_method_through_params_shapes_stages_and_a_study(toy, tmp_path, monk
     report = (repo / "reports" / "study.md").read_text()
     assert "| toy modules |" in report and "| sst2 | toy |" in report
     assert (repo / "reports" / "study_pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(row["params_hash"]) == 12 and "git" in row
 
-    # its paper target, against the reference method's row
+    # its per-example predictions, kept by the study, and its paper target as a paired claim against the
+    # reference method's predictions (here: the toy's own run relabelled, a difference of exactly 0)
     df = pd.read_csv(repo / "reports" / "study.csv")
+    preds = pd.read_parquet(repo / "reports" / "predictions.parquet")
+    assert list(preds.columns) == paired.COLUMNS and len(preds) == TINY["data.dev_size"]
+    assert set(preds["method"]) == {"toy"}
     lora = df.iloc[0].to_dict() | {"method": "lora", "toy_modules": None}
-    checks = study_flow.targets(study_flow.summary(pd.concat([df, pd.DataFrame([lora])], ignore_index=True)))
-    assert [t for t, _, _ in checks] == ["sst2: toy within 50 pt of lora"]
+    both = pd.concat([df, pd.DataFrame([lora])], ignore_index=True)
+    both_preds = pd.concat([preds, preds.assign(method="lora")], ignore_index=True)
+    (check,) = study_flow.targets(study_flow.summary(both), paired.selected(both, both_preds), draws=200)
+    assert check.target.what == "sst2: toy within 50 pt of lora" and check.against == "lora"
+    assert check.difference is not None and check.difference.mean == 0.0 and check.verdict == "met"
