@@ -31,7 +31,9 @@ from stages.common.tracking import stage_run
 
 def fingerprint(params_dump: dict, plan: dict) -> str:
     """Identity of a training run: a checkpoint is only resumed by the run that wrote it."""
-    relevant = {k: v for k, v in params_dump.items() if k not in ("evaluate", "tracking")}
+    # sections read only after training (compress, evaluate) or by no stage's numbers (tracking) leave it
+    # alone: changing them must not invalidate a checkpoint nor change the adapter file's bytes
+    relevant = {k: v for k, v in params_dump.items() if k not in ("compress", "evaluate", "tracking")}
     blob = json.dumps({"params": relevant, "plan": plan}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()
 
