@@ -82,24 +82,56 @@ def recipe_lr(params: Params) -> float:
     return recipe.lr if recipe.lr is not None else params.train.lr
 
 
-def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
-    """``lora_drop[threshold=0.6,probe_epochs=1]`` -> (label, method, {"lora_drop.threshold": 0.6, ...}).
+#: a study row without ``+compress`` is the adapter as trained: the compress stage passes it through
+UNCOMPRESSED = {"compress.rank": "none", "compress.bits": "none"}
+COMPRESS_SUFFIX = "+compress"
 
-    A variant is a method with some of its own settings changed; it is a row of its own in the study."""
+
+def _settings(spec: str, section: str, body: str) -> dict[str, Any]:
+    """``key=value,...`` of one bracket: a bare key belongs to ``section``, a dotted one is a full params key."""
     import yaml
 
-    spec = spec.strip()
-    if "[" not in spec:
-        return spec, spec, {}
-    if not spec.endswith("]"):
-        raise ConfigError(f"method variant {spec!r}: write it as method[key=value,...]")
-    method, body = spec[:-1].split("[", 1)
     settings: dict[str, Any] = {}
     for item in filter(None, (x.strip() for x in body.split(","))):
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"method variant {spec!r}: {item!r} is not key=value")
-        settings[f"{method}.{key.strip()}"] = yaml.safe_load(value)
+        settings[key if "." in key else f"{section}.{key}"] = yaml.safe_load(value)
+    return settings
+
+
+def _bracketed(spec: str, part: str) -> tuple[str, str]:
+    """``name[body]`` -> (name, body); ``name`` -> (name, "")."""
+    if "[" not in part:
+        return part.strip(), ""
+    if not part.endswith("]"):
+        raise ConfigError(f"method variant {spec!r}: write it as method[key=value,...]{COMPRESS_SUFFIX}[key=value,...]")
+    name, body = part[:-1].split("[", 1)
+    return name.strip(), body
+
+
+def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """A study row: ``method[key=value,...]`` optionally followed by ``+compress[key=value,...]``.
+
+    * ``lora_drop[threshold=0.6]`` -> (label, "lora_drop", {"lora_drop.threshold": 0.6, compress off});
+      a dotted key is a full params key: ``lora[adapter.rank=16]`` trains LoRA at rank 16.
+    * ``+compress`` runs the compress stage with the params' ``compress`` section, and its own bracket
+      changes it: ``lora+compress[rank=svd,bits=8]``. Without it the row is the adapter as trained, so
+      every method can be set against its compressed self.
+    """
+    spec = spec.strip()
+    head, plus, tail = spec.partition(COMPRESS_SUFFIX)
+    if plus and tail and not tail.startswith("["):
+        raise ConfigError(f"method variant {spec!r}: {COMPRESS_SUFFIX} takes its settings in brackets")
+    method, body = _bracketed(spec, head)
+    if not method:
+        raise ConfigError(f"method variant {spec!r}: no method named")
+    settings = _settings(spec, method, body)
+    if plus:
+        settings.update(_settings(spec, "compress", _bracketed(spec, "compress" + tail)[1]))
+    else:
+        settings = {**UNCOMPRESSED, **settings}
     return spec, method, settings
 
 

@@ -316,7 +316,9 @@ def test_compare_writes_table_csv_plot_and_mlflow_run(first, client):
 def test_study_sweeps_on_validation_and_reruns_from_the_cache(first, client):
     from flows.study import study
 
-    kw = dict(methods=["lora_drop"], seeds=[42, 7], lr_factors=[1.0, 2.0], repo=str(first.repo), out_dir="reports")
+    # +compress: the params as the fixture's run had them (a plain row would switch the compress stage off)
+    kw = dict(methods=["lora_drop+compress"], seeds=[42, 7], lr_factors=[1.0, 2.0], repo=str(first.repo),
+              out_dir="reports")
     state = study(**kw, return_state=True)
     res = state.result()
     rows = res["rows"]
@@ -328,7 +330,7 @@ def test_study_sweeps_on_validation_and_reruns_from_the_cache(first, client):
     assert rows[2]["lr_factor"] == chosen["lr_factor"]
     out = first.repo / "reports"
     md = (out / "study.md").read_text()
-    assert "| sst2 | lora_drop | accuracy |" in md and "Learning-rate sweep" in md
+    assert "| sst2 | lora_drop+compress | accuracy |" in md and "Learning-rate sweep" in md
     assert (out / "study_pareto.png").read_bytes()[:4] == b"\x89PNG"
     arts = {a.path for a in client.list_artifacts(res["mlflow_run_id"], "study")}
     assert arts == {"study/study.md", "study/study.csv", "study/study_pareto.png", "study/predictions.parquet"}

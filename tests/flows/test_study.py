@@ -173,12 +173,23 @@ def test_report_paths_are_relative_to_the_repository(tmp_path):
 
 
 def test_method_variants_parse_to_overrides():
-    assert parse_variant("lora") == ("lora", "lora", {})
+    off = {"compress.rank": "none", "compress.bits": "none"}
+    assert parse_variant("lora") == ("lora", "lora", off)
     assert parse_variant("lora_drop[threshold=0.6, probe_epochs=1]") == (
-        "lora_drop[threshold=0.6, probe_epochs=1]", "lora_drop", {"lora_drop.threshold": 0.6,
+        "lora_drop[threshold=0.6, probe_epochs=1]", "lora_drop", {**off, "lora_drop.threshold": 0.6,
                                                                    "lora_drop.probe_epochs": 1})
     with pytest.raises(ConfigError, match="key=value"):
         parse_variant("lora_drop[threshold]")
+
+
+def test_compress_variants_run_the_compress_stage_and_plain_rows_do_not():
+    assert parse_variant("lora_drop+compress") == ("lora_drop+compress", "lora_drop", {})
+    assert parse_variant("lora[adapter.rank=16]+compress[rank=svd, bits=8]")[1:] == (
+        "lora", {"adapter.rank": 16, "compress.rank": "svd", "compress.bits": 8})
+    assert parse_variant("lora[adapter.rank=2]")[2] == {"compress.rank": "none", "compress.bits": "none",
+                                                        "adapter.rank": 2}
+    with pytest.raises(ConfigError, match="in brackets"):
+        parse_variant("lora+compressrank=svd")
 
 
 def test_peers_table_says_who_beats_whom():
