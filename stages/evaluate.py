@@ -247,8 +247,10 @@ def finish(params, plan: dict, task, run, metrics: dict, predictions: pd.DataFra
     run.log_artifact(Paths.plots, "plots")
     shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in task.metrics if k in metrics) or \
         ", ".join(f"dev {k}={metrics['dev_' + k]:.4f}" for k in task.metrics)
+    stored = (f"; stored {metrics['stored_bytes']:,} bytes ({metrics['stored_bytes_ratio_to_lora_fp32']:.1%} of "
+              f"LoRA's fp32 file)" if "stored_bytes" in metrics else "")
     print(f"evaluate: {shown}; trainable {counts['trainable']:,} adapter params "
-          f"({metrics['trainable_ratio_to_lora']:.1%} of LoRA); max |unmerged-merged| "
+          f"({metrics['trainable_ratio_to_lora']:.1%} of LoRA){stored}; max |unmerged-merged| "
           f"{metrics['max_abs_diff_unmerged_vs_merged']:.2e}")
 
 
