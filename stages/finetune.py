@@ -28,12 +28,14 @@ from stages.common.paths import Paths
 from stages.common.stop import GracefulStop
 from stages.common.tracking import stage_run
 
+AFTER_TRAINING = ("compress", "evaluate", "lm_eval", "registry", "schedule", "tracking")
+
 
 def fingerprint(params_dump: dict, plan: dict) -> str:
     """Identity of a training run: a checkpoint is only resumed by the run that wrote it."""
-    # sections read only after training (compress, evaluate) or by no stage's numbers (tracking) leave it
-    # alone: changing them must not invalidate a checkpoint nor change the adapter file's bytes
-    relevant = {k: v for k, v in params_dump.items() if k not in ("compress", "evaluate", "tracking")}
+    # sections read only after training (compress, evaluate, promotion) or by no stage's numbers (tracking)
+    # leave it alone: changing them must not invalidate a checkpoint nor change the adapter file's bytes
+    relevant = {k: v for k, v in params_dump.items() if k not in AFTER_TRAINING}
     blob = json.dumps({"params": relevant, "plan": plan}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()
 
