@@ -1,5 +1,5 @@
 """Loopback by default: every server the project starts or documents binds 127.0.0.1 unless the
-user says otherwise, and the README says how to expose one safely."""
+user says otherwise, and the docs say how to expose one safely."""
 
 from __future__ import annotations
 
@@ -18,10 +18,18 @@ def _commands(text: str) -> list[str]:
     return [ln.strip() for ln in re.sub(r"\\\n\s*", " ", text).splitlines()]
 
 
+def _documentation() -> str:
+    """README and the docs pages: every place a user copies a command from."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    return "\n".join(p.read_text() for p in pages)
+
+
 def test_documented_and_make_servers_bind_loopback():
-    readme = (REPO / "README.md").read_text()
+    docs = _documentation()
     makefile = (REPO / "Makefile").read_text()
-    blocks = "\n".join(re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S))  # commands, not prose
+    # commands, not prose: the shell blocks of every page (a block's info string says what it holds)
+    blocks = "\n".join(body for info, body in re.findall(r"```(\w*)\n(.*?)```", docs, re.S)
+                       if info in ("", "bash", "sh"))
     started = [ln for ln in _commands(blocks) + _commands(makefile) if any(cmd in ln for cmd in SERVER_COMMANDS)]
     assert started, "no server commands found: the check would pass vacuously"
     for line in started:
@@ -30,10 +38,10 @@ def test_documented_and_make_servers_bind_loopback():
         else:
             assert re.search(r"--host (127\.0\.0\.1|\$\(HOST\))", line), line
     assert re.search(r"^HOST \?= 127\.0\.0\.1$", makefile, re.M)
-    # 0.0.0.0 appears only where the README explains how to expose a server safely
-    section = readme[readme.index("### Servers bind loopback"):]
+    # 0.0.0.0 appears only where the docs explain how to expose a server safely
+    section = docs[docs.index("## Servers bind loopback"):]
     section = section[:section.index("\n#", 1)]
-    assert readme.count("0.0.0.0") == section.count("0.0.0.0") >= 1
+    assert docs.count("0.0.0.0") == section.count("0.0.0.0") >= 1
     assert "ssh -L" in section and "authentication" in section
 
 
@@ -63,6 +71,6 @@ print(json.dumps({"mlflow server": host(c.cli.commands["server"]), "models serve
 
 
 def test_test_servers_bind_loopback():
-    services = (REPO / "tests" / "services.py").read_text()
+    services = (REPO / "tests" / "support" / "services.py").read_text()
     assert services.count('"--host", "127.0.0.1"') == 2 and 'PREFECT_SERVER_API_HOST="127.0.0.1"' in services
     assert "0.0.0.0" not in services
