@@ -59,7 +59,8 @@ from stages.common.tracking import git_commit
 #: what every run has; a method's own figures (Method.figure_labels) are the other columns
 RUN_COLUMNS = ["task", "method", "seed", "lr", "lr_factor", "selected", "metric", "score", "validation_score",
                "trivial_score", "trainable_params", "stored_params", "pct_of_lora", "train_seconds", "peak_rss_mb",
-               "peak_cuda_mb", "trained", "experiment", "mlflow_run_id", "git", "params_hash"]
+               "peak_cuda_mb", "trained", "experiment", "mlflow_run_id", "git", "params_hash", "stored_bytes",
+               "pct_bytes_of_lora_fp32", "compress_components", "compress_bits"]
 #: study.csv's layout: the figure columns every earlier study.csv has, where they have always been (--append)
 COLUMNS = RUN_COLUMNS[:13] + ["bops_ratio_adapter", "gates_closed"] + RUN_COLUMNS[13:]
 
@@ -173,6 +174,11 @@ def study_row(result: dict[str, Any], params: Params, lr: float, factor: float, 
         "peak_cuda_mb": ft.get("peak_cuda_mb"), "trained": result.get("stages", {}).get("finetune") == "ran",
         "experiment": result.get("experiment"),
         "mlflow_run_id": result.get("mlflow_run_id"), "params_hash": params_hash(params),
+        # what the compress stage stored (codes + scales + head): the axis the LoRA-by-rank frontier is drawn on
+        "stored_bytes": m.get("stored_bytes"),
+        "pct_bytes_of_lora_fp32": None if m.get("stored_bytes_ratio_to_lora_fp32") is None
+        else 100 * m["stored_bytes_ratio_to_lora_fp32"],
+        "compress_components": m.get("compress_components"), "compress_bits": m.get("compress_bits"),
     }
 
 
