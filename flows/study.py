@@ -44,7 +44,7 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from flows import paired
+from flows import frontier, paired
 from flows.paired import is_peer
 from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, validate_overrides
 from flows.report import fmt, fmt_int, log_report_run, publish_report
@@ -224,6 +224,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
             "stored_mean": g["stored_params"].astype(float).mean(),
             "stored_std": g["stored_params"].astype(float).std(ddof=1) if len(g) > 1 else 0.0,
             "pct_of_lora": g["pct_of_lora"].astype(float).mean(),
+            "bytes_mean": g["stored_bytes"].astype(float).mean() if "stored_bytes" in g.columns else math.nan,
             **{c: g[c].astype(float).mean() for c in figures},
             "train_seconds": g["train_seconds"].astype(float).mean(),
             "peak_rss_mb": g["peak_rss_mb"].astype(float).mean(),
@@ -276,16 +277,21 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
     chosen = paired.selected(df, paired.empty() if preds is None else preds)
     figures = {c: h for c, h in figure_labels(s["method"]).items() if c in s.columns}
     head = ["task", "method", "metric", "dev (mean ± std)", "n", "lr", "validation", "stored params (mean ± std)",
-            "stored % of LoRA", "trainable % of LoRA", *figures.values(), "train s", "peak RSS MB"]
+            "stored % of LoRA", "stored bytes", "bytes % of LoRA fp32", "trainable % of LoRA", *figures.values(),
+            "train s", "peak RSS MB"]
     lines = [header, "", f"Command: `{command}`", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     reference = s[s["method"] == reference_method()]
     lora_stored = {t: float(g["stored_mean"].iloc[0]) for t, g in reference.groupby("task")}
+    lora_bytes = {t: float(g["bytes_mean"].iloc[0]) for t, g in reference.groupby("task")
+                  if not math.isnan(float(g["bytes_mean"].iloc[0]))}
     for _, r in s.iterrows():
         stored = fmt_int(r["stored_mean"]) + (f" ± {fmt_int(r['stored_std'])}" if r["stored_std"] else "")
         lines.append("| " + " | ".join([
             r["task"], r["method"], r["metric"], f"{r['score_mean']:.4f} ± {r['score_std']:.4f}", str(r["n"]),
             f"{r['lr']:.1e}", fmt(r["validation_mean"], 4), stored,
             fmt(100 * r["stored_mean"] / lora_stored[r["task"]] if r["task"] in lora_stored else None),
+            fmt_int(r["bytes_mean"]),
+            fmt(100 * r["bytes_mean"] / lora_bytes[r["task"]] if r["task"] in lora_bytes else None, 2),
             fmt(r["pct_of_lora"]),
             *(fmt_figure(r[c]) for c in figures), fmt(r["train_seconds"]),
             fmt(r["peak_rss_mb"], 0)]) + " |")
@@ -305,35 +311,57 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
         lines += [f"| {a} | {b} | {c} | {d} | {e} | {f} |" for a, b, c, d, e, f in peers]
     lines += paired.section(paired.comparisons(s, chosen, draws), draws)
     lines += paired.targets_section(targets(s, chosen, draws))
+    lines += frontier.section(frontier.place(s, chosen, parse_variant, reference_method(), draws))
+    lines += frontier.targets_section(frontier.compress_targets(s, chosen, parse_variant, reference_method(), draws))
     return "\n".join(lines) + "\n"
 
 
 def pareto_chart(df: pd.DataFrame, path: Path) -> None:
-    """Dev metric against stored adapter parameters: one point per method (error bars: std over seeds),
-    the Pareto frontier (fewest parameters for the quality) drawn through the non-dominated methods."""
+    """Dev metric against what is stored, one panel per task, one point per study row (error bars: std over
+    seeds). With stored bytes in the rows (the compress stage's), the x axis is bytes on a log scale and the
+    LoRA-by-rank frontier (:mod:`flows.frontier`) is drawn as a step line through its upper envelope; rows of an
+    older study.csv without bytes fall back to stored parameters and the Pareto frontier of the rows."""
     plt = pyplot()
     s = summary(df)
     tasks = list(dict.fromkeys(s["task"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 5.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        g = s[s["task"] == task].sort_values("stored_mean")
-        for _, r in g.iterrows():
-            ax.errorbar(r["stored_mean"], r["score_mean"], xerr=r["stored_std"] or None, yerr=r["score_std"],
-                        fmt="o", capsize=3, label=f"{r['method']} (n={r['n']})")
-            ax.annotate(r["method"], (r["stored_mean"], r["score_mean"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
-        frontier, best = [], -math.inf
-        for _, r in g.iterrows():  # ascending parameters: a point is on the frontier if it beats all smaller ones
-            if r["score_mean"] > best:
-                frontier.append((r["stored_mean"], r["score_mean"]))
-                best = r["score_mean"]
-        if len(frontier) > 1:
-            ax.step(*zip(*frontier), where="post", color="grey", alpha=0.5, linestyle="--", label="Pareto frontier")
-        ax.set_xlabel("stored adapter parameters")
-        ax.set_ylabel(f"dev {g['metric'].iloc[0]} (mean ± std over seeds)")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        g = s[s["task"] == task]
+        by_bytes = bool(g["bytes_mean"].notna().any())
+        if by_bytes:
+            front, envelope, others = frontier.chart_points(s, str(task), parse_variant, reference_method())
+            std = dict(zip(g["method"], 100 * g["score_std"]))
+            for pts, style, colour in ((front, "s", "grey"), (others, "o", None)):
+                for p in pts:
+                    ax.errorbar(p.stored_bytes, p.score, yerr=std.get(p.label) or None, fmt=style, capsize=3,
+                                color=colour, alpha=0.8)
+                    ax.annotate(p.label, (p.stored_bytes, p.score), textcoords="offset points", xytext=(5, 4),
+                                fontsize=6)
+            if len(envelope) > 1:
+                ax.step([p.stored_bytes for p in envelope], [p.score for p in envelope], where="post",
+                        color="grey", linestyle="--", label="LoRA-by-rank frontier (fp32 / int8 / int4)")
+            ax.set_xscale("log")
+            ax.set_xlabel("stored adapter bytes (codes + scales + head), log scale")
+        else:
+            g = g.sort_values("stored_mean")
+            frontier_xy, best = [], -math.inf
+            for _, r in g.iterrows():  # ascending parameters: on the frontier if it beats all smaller ones
+                ax.errorbar(r["stored_mean"], 100 * r["score_mean"], xerr=r["stored_std"] or None,
+                            yerr=100 * r["score_std"], fmt="o", capsize=3)
+                ax.annotate(r["method"], (r["stored_mean"], 100 * r["score_mean"]), textcoords="offset points",
+                            xytext=(5, 4), fontsize=7)
+                if r["score_mean"] > best:
+                    frontier_xy.append((r["stored_mean"], 100 * r["score_mean"]))
+                    best = r["score_mean"]
+            if len(frontier_xy) > 1:
+                ax.step(*zip(*frontier_xy), where="post", color="grey", alpha=0.5, linestyle="--",
+                        label="Pareto frontier")
+            ax.set_xlabel("stored adapter parameters")
+        ax.set_ylabel(f"dev {g['metric'].iloc[0]} × 100 (mean ± std over seeds)")
+        ax.set_title(str(task))
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     save_png(fig, path)
 
@@ -519,6 +547,32 @@ def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[
     return out
 
 
+def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int = paired.DRAWS) -> list[Path]:
+    """The report of one or more earlier study.csv files (and the predictions beside each), without running
+    anything: e.g. studies run in separate checkouts (one per task) merged into one report, or an older study
+    redrawn by newer report code. The header is the first study's own, with the merge said."""
+    frames = [pd.read_csv(c) for c in csvs]
+    df = pd.concat(frames, ignore_index=True)
+    df = df.reindex(columns=list(dict.fromkeys([*COLUMNS, *df.columns])))
+    df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
+    preds = paired.combine([earlier_predictions(c) for c in csvs])
+    first_md = Path(csvs[0]).with_name("study.md")
+    header = first_md.read_text().split("\n\nCommand:", 1)[0] if first_md.is_file() else "# Method study"
+    if len(csvs) > 1:
+        header += (" Merged from " + ", ".join(f"`{shown_path(c, root)}`" for c in csvs) + " (columns `git` and "
+                   "`params_hash` of study.csv: the commit and configuration each row ran at).")
+    out = root / out_dir
+    files = [out / "study.md", out / "study.csv", out / "study_pareto.png", out / "predictions.parquet"]
+    report = markdown(df, header, command, preds, draws)
+    with atomic_path(files[1]) as tmp:
+        df.to_csv(tmp, index=False)
+    paired.write(files[3], preds)
+    with atomic_path(files[0]) as tmp:
+        tmp.write_text(report)
+    pareto_chart(df, files[2])
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Seeded method study with a per-method lr sweep on validation.")
     ap.add_argument("--methods", nargs="+")
@@ -536,8 +590,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="rerun only the (task, method) pairs of this study's inconclusive targets with more seeds "
                          f"(5 more, up to {paired.MAX_SEEDS}), keeping its other rows; pass the same -S settings as "
                          "the study it extends (its earlier seeds then come from DVC's run cache)")
+    ap.add_argument("--report", nargs="+", metavar="STUDY_CSV",
+                    help="run nothing: write the report of these study.csv files (merged, with the predictions "
+                         "beside each) to --out")
     args = ap.parse_args(argv)
     root = Path(args.repo).resolve()
+    command = "python -m flows.study " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.report:
+        missing = [c for c in args.report if not Path(c).is_file()]
+        if missing:
+            print(f"error: --report {missing[0]}: no such study.csv", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print("\n".join(str(f) for f in rebuild(args.report, root, args.out, command)))
+        return 0
     pairs = None
     if args.extend_inconclusive:
         if not Path(args.extend_inconclusive).is_file():
@@ -566,7 +631,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    command = "python -m flows.study " + " ".join(argv if argv is not None else sys.argv[1:])
     result = study(methods=args.methods or [], seeds=args.seeds, tasks=args.tasks, lr_factors=args.lr_factors,
                    overrides=overrides, repo=str(root), out_dir=args.out, command=command,
                    append=args.append, pairs=pairs)

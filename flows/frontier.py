@@ -1,0 +1,251 @@
+"""The LoRA-by-rank frontier: the baseline every compressed adapter must beat.
+
+Plain LoRA (the reference method) trained at several ranks, each stored as trained (fp32) and with int8 / int4
+factors (``compress.rank: none``), gives the cheapest way to buy dev quality with stored bytes that needs no
+compression method at all. A study row counts as a saving only if it lies *above* that frontier: better dev at
+no more stored bytes, or the same dev (within a margin) as a frontier point that stores more.
+
+Everything here is read from the study's summary (one row per task and label, with ``bytes_mean``) and the
+runs' per-example dev predictions, and every claim is a paired difference by seed (:mod:`flows.paired`).
+Which rows form the frontier is read from the study label itself (:func:`flows.study.parse_variant`'s
+settings), never from a method's name beyond "the reference method".
+
+The compress issue's targets are checked here too (:func:`compress_targets`): the best compressed adapter
+within ``margin`` points of rank-8 LoRA at <= 2 % of its fp32 bytes, fewer bytes than the PEFT-style trim
+(``rank: svd``, ``budget: energy``) at equal dev, and the ``output`` criterion against ``svd`` at the same
+number of components.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from flows import paired
+from lora_ops.stats import INCONCLUSIVE, MET, NOT_MET, PairedDifference, Target, format_interval, verdicts
+
+#: non-inferiority margin (dev points) for "the same dev": the compress stage's default tolerance
+MARGIN = 0.5
+#: the compress issue's size target: share of rank-8 LoRA's fp32 bytes
+SIZE_TARGET_PCT = 2.0
+
+Settings = Mapping[str, Any]
+Parser = Callable[[str], tuple[str, str, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One (task, label) of the study placed on the bytes axis."""
+
+    label: str
+    stored_bytes: float
+    score: float  # mean dev score over seeds, in points
+    settings: Settings
+
+
+def _points(s: pd.DataFrame, task: str, parse: Parser) -> list[Point]:
+    g = s[(s["task"] == task) & s["bytes_mean"].notna()] if "bytes_mean" in s.columns else s.iloc[0:0]
+    return [Point(str(r["method"]), float(r["bytes_mean"]), 100 * float(r["score_mean"]), parse(str(r["method"]))[2])
+            for _, r in g.iterrows()]
+
+
+def is_frontier(label: str, parse: Parser, reference: str | None) -> bool:
+    """A frontier row: the reference method, uncompressed or with fixed-bit factors and every component kept,
+    with no other setting than its rank."""
+    _, method, settings = parse(label)
+    extra = {k for k in settings if not k.startswith("compress.") and k != "adapter.rank"}
+    return method == reference and settings.get("compress.rank") == "none" and not extra
+
+
+def frontier(points: Sequence[Point]) -> list[Point]:
+    """The upper envelope: frontier points sorted by bytes, each better than every smaller one."""
+    out: list[Point] = []
+    for p in sorted(points, key=lambda p: (p.stored_bytes, -p.score)):
+        if not out or p.score > out[-1].score:
+            out.append(p)
+    return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A study row against the frontier: ``at_size`` is the best frontier point storing no more bytes (the
+    difference ``label − at_size`` decides "above"), ``matched`` the largest frontier point it is not worse than
+    by more than the margin (the bytes it saves against that point)."""
+
+    task: str
+    label: str
+    stored_bytes: float
+    at_size: Point | None
+    at_size_difference: PairedDifference | None
+    matched: Point | None
+    matched_difference: PairedDifference | None
+
+    @property
+    def verdict(self) -> str:
+        d = self.at_size_difference
+        if self.at_size is None:
+            return "smaller than every frontier point"
+        if d is None:
+            return "no paired predictions"
+        return {MET: "**above**", NOT_MET: "below"}.get(verdicts([Target("", d, 0.0)])[0].verdict, INCONCLUSIVE)
+
+
+def place(s: pd.DataFrame, preds: pd.DataFrame, parse: Parser, reference: str | None,
+          draws: int = paired.DRAWS) -> list[Placement]:
+    """Every non-frontier row of every task that has a frontier, placed against it."""
+    out: list[Placement] = []
+    for task in dict.fromkeys(s["task"]):
+        metric = str(s[s["task"] == task]["metric"].iloc[0])
+        points = _points(s, str(task), parse)
+        front = [p for p in points if is_frontier(p.label, parse, reference)]
+        if len(front) < 2:
+            continue
+        for p in points:
+            if p in front:
+                continue
+            smaller = [f for f in front if f.stored_bytes <= p.stored_bytes]
+            at_size = max(smaller, key=lambda f: f.score) if smaller else None
+            d_size = (paired.difference(preds, str(task), p.label, at_size.label, metric, draws)
+                      if at_size is not None else None)
+            matched, d_matched = None, None
+            for f in sorted((f for f in front if f.stored_bytes > p.stored_bytes), key=lambda f: -f.stored_bytes):
+                d = paired.difference(preds, str(task), p.label, f.label, metric, draws)
+                if d is not None and d.low >= -MARGIN:
+                    matched, d_matched = f, d
+                    break
+            out.append(Placement(str(task), p.label, p.stored_bytes, at_size, d_size, matched, d_matched))
+    return out
+
+
+def _kb(b: float) -> str:
+    return f"{b / 1024:,.1f} KiB"
+
+
+def section(placements: Sequence[Placement]) -> list[str]:
+    if not placements:
+        return []
+    lines = ["", "## Against the LoRA-by-rank frontier", "",
+             "The frontier: plain LoRA trained at each rank, stored fp32 and with int8 / int4 factors (every "
+             "component kept). *At its size*: the best frontier point storing no more bytes, and the paired "
+             "difference to it (**above** when the 95 % interval lies above 0). *Matches*: the largest frontier "
+             f"point whose dev it stays within {MARGIN} point of (interval's lower end ≥ −{MARGIN}), and the share "
+             "of that point's bytes it stores.", "",
+             "| task | row | stored | best frontier point at its size | Δ dev (pt) | place | matches | Δ dev (pt) "
+             "| bytes vs matched |", "|---|---|---:|---|---|---|---|---|---:|"]
+    for p in placements:
+        size = ("–", "–") if p.at_size is None else (
+            f"{p.at_size.label} ({_kb(p.at_size.stored_bytes)})",
+            format_interval(p.at_size_difference) if p.at_size_difference is not None else "–")
+        match = ("none", "–", "–") if p.matched is None else (
+            f"{p.matched.label} ({_kb(p.matched.stored_bytes)})", format_interval(p.matched_difference),
+            f"{100 * p.stored_bytes / p.matched.stored_bytes:.1f} %")
+        lines.append(f"| {p.task} | {p.label} | {_kb(p.stored_bytes)} | {size[0]} | {size[1]} | {p.verdict} | "
+                     f"{' | '.join(match)} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------- the compress issue's targets
+@dataclass(frozen=True)
+class CompressCheck:
+    task: str
+    what: str
+    against: str
+    margin: float
+    difference: PairedDifference | None
+    condition: str
+    condition_met: bool
+    verdict: str = INCONCLUSIVE
+
+
+def compress_targets(s: pd.DataFrame, preds: pd.DataFrame, parse: Parser, reference: str | None,
+                     draws: int = paired.DRAWS, alpha: float = 0.05) -> list[CompressCheck]:
+    """The compress issue's targets per task (where the study has the rows they need), Holm-corrected together:
+
+    * the smallest trimmed adapter at most :data:`SIZE_TARGET_PCT` % of the reference's fp32 bytes whose dev is
+      within :data:`MARGIN` of the reference (``row − reference > −margin``); if none is that small, the best
+      trimmed row and its size, *not met*;
+    * every trimmed row that stores fewer bytes than the PEFT-style trim (``compress.rank: svd`` with
+      ``budget: energy``) against it, at ``> −margin``;
+    * ``output`` against ``svd`` at the same fixed component count (``budget: components``), at ``> 0``.
+    """
+    pending: list[CompressCheck] = []
+    for task in dict.fromkeys(s["task"]):
+        g = s[s["task"] == task]
+        metric = str(g["metric"].iloc[0])
+        points = {p.label: p for p in _points(s, str(task), parse)}
+        if reference not in points:
+            continue
+        lora_fp32 = points[reference].stored_bytes
+        trimmed = [p for p in points.values() if p.settings.get("compress.rank", "output") != "none"]
+
+        def diff(a: str, b: str) -> PairedDifference | None:
+            return paired.difference(preds, str(task), a, b, metric, draws)  # noqa: B023 - used at once
+
+        small = [p for p in trimmed if 100 * p.stored_bytes / lora_fp32 <= SIZE_TARGET_PCT]
+        if small:
+            best = min(small, key=lambda p: (-(p.score), p.stored_bytes))
+            pct = 100 * best.stored_bytes / lora_fp32
+            pending.append(CompressCheck(str(task), f"{best.label}: ≤ {SIZE_TARGET_PCT:g} % of {reference}'s fp32 "
+                                         f"bytes at its dev", reference, -MARGIN, diff(best.label, reference),
+                                         f"stores {pct:.2f} %", True))
+        elif trimmed:
+            best = min(trimmed, key=lambda p: p.stored_bytes)
+            pct = 100 * best.stored_bytes / lora_fp32
+            pending.append(CompressCheck(str(task), f"{best.label}: ≤ {SIZE_TARGET_PCT:g} % of {reference}'s fp32 "
+                                         f"bytes at its dev", reference, -MARGIN, diff(best.label, reference),
+                                         f"smallest trimmed row stores {pct:.2f} %", False))
+        peft = [p for p in trimmed if p.settings.get("compress.rank") == "svd"
+                and p.settings.get("compress.budget") == "energy"]
+        for trim in peft:
+            for p in trimmed:
+                if p is trim or p.stored_bytes >= trim.stored_bytes:
+                    continue
+                pending.append(CompressCheck(str(task), f"{p.label}: fewer bytes than {trim.label} at its dev",
+                                             trim.label, -MARGIN, diff(p.label, trim.label),
+                                             f"{100 * p.stored_bytes / trim.stored_bytes:.1f} % of its bytes", True))
+        for p in trimmed:
+            # no criterion in the label: the params' own (output, the default)
+            if p.settings.get("compress.rank", "output") == "output" and \
+                    p.settings.get("compress.budget") == "components":
+                twin = {**p.settings, "compress.rank": "svd"}
+                for q in trimmed:
+                    if dict(q.settings) == twin:
+                        pending.append(CompressCheck(
+                            str(task), f"output criterion beats svd at {p.settings.get('compress.components')} "
+                            "components", q.label, 0.0, diff(p.label, q.label), "same components", True))
+    tested = [Target(c.what, c.difference, c.margin) for c in pending if c.difference is not None]
+    words = iter(v.verdict for v in verdicts(tested, alpha))
+    out = []
+    for c in pending:
+        word = next(words) if c.difference is not None else INCONCLUSIVE
+        out.append(CompressCheck(c.task, c.what, c.against, c.margin, c.difference, c.condition, c.condition_met,
+                                 NOT_MET if not c.condition_met else word))
+    return out
+
+
+def targets_section(checks: Sequence[CompressCheck]) -> list[str]:
+    if not checks:
+        return []
+    lines = ["", "## Compress targets", "",
+             f"Paired claims `row − against > margin` (points), Holm-corrected over these {len(checks)}: **met** only "
+             "when the whole corrected interval clears the margin, **not met** when it lies wholly on the wrong side "
+             "or the stated condition fails, else inconclusive.", "",
+             "| task | target | against | margin (pt) | measured | condition | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for c in checks:
+        measured = (f"{format_interval(c.difference)}, {len(c.difference.per_seed)} seeds ({paired.per_seed_text(c.difference)})"
+                    if c.difference is not None else "no paired predictions")
+        word = "**not met**" if c.verdict == NOT_MET else f"**{c.verdict}**" if c.verdict == MET else c.verdict
+        lines.append(f"| {c.task} | {c.what} | {c.against} | {c.margin:+g} | {measured} | {c.condition} | {word} |")
+    return lines
+
+
+def chart_points(s: pd.DataFrame, task: str, parse: Parser, reference: str | None
+                 ) -> tuple[list[Point], list[Point], list[Point]]:
+    """(frontier members, their upper envelope, every other row) of one task, for the Pareto chart."""
+    points = _points(s, task, parse)
+    front = [p for p in points if is_frontier(p.label, parse, reference)]
+    return front, frontier(front), [p for p in points if p not in front]

@@ -1,0 +1,109 @@
+"""The LoRA-by-rank frontier and the compress targets on constructed study rows (flows.frontier)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_study import LABELS, N, _lora_predictions, _run, _shifted
+
+import flows.paired as paired
+from flows import frontier
+from flows.study import COLUMNS, markdown, pareto_chart, parse_variant, rebuild, summary
+from lora_ops.methods.base import reference_method
+
+LORA_BYTES = 10_000
+#: label -> (stored bytes, examples changed against rank-8 LoRA per seed: negative = more wrong)
+ROWS = {
+    "lora": (LORA_BYTES, 0),
+    "lora+compress[rank=none,bits=4]": (1_400, 0),
+    "lora[adapter.rank=1]": (1_300, -20),               # a cheaper frontier point, 5 points worse
+    "lora[adapter.rank=1]+compress[rank=none,bits=4]": (200, -20),
+    "lora+compress": (150, 0),                          # 1.5 %: LoRA's dev at fewer bytes than any frontier point
+    "lora+compress[rank=svd]": (1_000, -8),             # worse than the rank-1 point... at more bytes
+    "lora+compress[rank=svd,budget=energy,energy=0.9,bits=none]": (4_000, 0),
+    "lora+compress[budget=components,components=8,bits=none]": (900, -2),
+    "lora+compress[rank=svd,budget=components,components=8,bits=none]": (900, -10),
+}
+
+
+def _frontier_study():
+    runs = [_run(label, s, _shifted(s, d) if d else _lora_predictions(s), 1000, stored_bytes=b)
+            for label, (b, d) in ROWS.items() for s in (1, 2, 3)]
+    df = pd.DataFrame([r for r, _ in runs], columns=COLUMNS)
+    return df, paired.combine([p for _, p in runs])
+
+
+def test_frontier_members_are_plain_reference_rows_with_every_component_kept():
+    ref = reference_method()
+    members = [label for label in ROWS if frontier.is_frontier(label, parse_variant, ref)]
+    assert members == ["lora", "lora+compress[rank=none,bits=4]", "lora[adapter.rank=1]",
+                       "lora[adapter.rank=1]+compress[rank=none,bits=4]"]
+    assert not frontier.is_frontier("lora_drop", parse_variant, ref)  # another method: never the frontier
+    assert not frontier.is_frontier("lora[dropout=0.1]", parse_variant, ref)  # LoRA, but not plain
+
+
+def test_envelope_keeps_points_better_than_every_smaller_one():
+    p = [frontier.Point(str(i), b, s, {}) for i, (b, s) in enumerate([(100, 80.0), (200, 79.0), (300, 85.0)])]
+    assert [x.label for x in frontier.frontier(p)] == ["0", "2"]
+
+
+def test_placement_against_the_frontier_is_a_paired_verdict():
+    df, preds = _frontier_study()
+    s = summary(df)
+    chosen = paired.selected(df, preds)
+    placed = {p.label: p for p in frontier.place(s, chosen, parse_variant, reference_method(), draws=300)}
+    assert set(placed) == {label for label in ROWS if not frontier.is_frontier(label, parse_variant, "lora")}
+    small = placed["lora+compress"]
+    assert small.at_size is None and small.verdict == "smaller than every frontier point"
+    assert small.matched.label == "lora" and small.matched_difference.mean == 0  # LoRA's dev at 1.5 % of its bytes
+    svd = placed["lora+compress[rank=svd]"]  # 1,000 bytes: the int4 rank-1 point (200 bytes) is at its size
+    assert svd.at_size.label == "lora[adapter.rank=1]+compress[rank=none,bits=4]"
+    assert svd.at_size_difference.mean == pytest.approx(3.0, abs=1e-4) and svd.verdict == "**above**"  # -2 vs -5 pt (float32 metric)
+    assert svd.matched.label == "lora[adapter.rank=1]"  # the largest point it is not 0.5 pt worse than
+    md = "\n".join(frontier.section(list(placed.values())))
+    assert "| sst2 | lora+compress | 0.1 KiB | – | – | smaller than every frontier point | lora (9.8 KiB) |" in md
+    assert "| 1.5 % |" in md
+
+
+def test_compress_targets_size_peer_and_criterion():
+    df, preds = _frontier_study()
+    s = summary(df)
+    checks = frontier.compress_targets(s, paired.selected(df, preds), parse_variant, reference_method(), draws=300)
+    by = {c.what: c for c in checks}
+    size = by["lora+compress: ≤ 2 % of lora's fp32 bytes at its dev"]
+    assert size.condition == "stores 1.50 %" and size.verdict == "met"
+    peft = "lora+compress[rank=svd,budget=energy,energy=0.9,bits=none]"
+    assert by[f"lora+compress: fewer bytes than {peft} at its dev"].verdict == "met"
+    assert by[f"lora+compress[rank=svd]: fewer bytes than {peft} at its dev"].verdict == "not met"  # −2 pt
+    crit = by["output criterion beats svd at 8 components"]
+    assert crit.difference.mean == pytest.approx(2.0, abs=1e-4) and crit.verdict == "met"
+    md = markdown(df, "# Study", "python -m flows.study", preds, draws=300)
+    assert "## Against the LoRA-by-rank frontier" in md and "## Compress targets" in md
+
+
+def test_size_target_not_met_when_nothing_is_small_enough():
+    df, preds = _frontier_study()
+    df = df[df["method"] != "lora+compress"]
+    checks = frontier.compress_targets(summary(df), paired.selected(df, preds), parse_variant, "lora", draws=300)
+    size = [c for c in checks if "≤ 2 %" in c.what]
+    assert len(size) == 1 and size[0].verdict == "not met" and "smallest trimmed row stores" in size[0].condition
+
+
+def test_rebuild_merges_studies_and_draws_the_bytes_chart(tmp_path):
+    df, preds = _frontier_study()
+    for task in ("sst2", "cola"):
+        d = tmp_path / task
+        d.mkdir()
+        df.assign(task=task).to_csv(d / "study.csv", index=False)
+        paired.write(d / "predictions.parquet", preds.assign(task=task))
+        (d / "study.md").write_text(f"# Study of {task}\n\nCommand: `x`\n")
+    files = rebuild([str(tmp_path / t / "study.csv") for t in ("sst2", "cola")], tmp_path, "merged", "cmd",
+                    draws=200)
+    md = files[0].read_text()
+    assert md.startswith("# Study of sst2 Merged from")
+    assert "| cola | lora+compress | 0.1 KiB |" in md
+    assert len(pd.read_csv(files[1])) == 2 * len(df) and len(paired.read(files[3])) == 2 * len(preds)
+    assert files[2].read_bytes()[:4] == b"\x89PNG"
+    pareto_chart(df.drop(columns=["stored_bytes"]), tmp_path / "params.png")  # an older study: parameters axis
+    assert np.array_equal(LABELS[:4], [0, 1, 0, 1]) and N == 400
