@@ -1,9 +1,10 @@
-"""Truncated SVD of a low-rank update at an energy threshold (PEFT ``convert_to_lora`` semantics).
+"""PEFT ``convert_to_lora``'s rank rule: the smallest rank keeping a share of an update's SVD energy.
 
 For ``ΔW = U S Vᵀ`` the kept rank is the smallest ``k`` whose leading singular values hold at
-least ``energy`` of ``Σ S²`` (PEFT's float ``rank``). The factors ``B' = U_k S_k``, ``A' = V_kᵀ``
-reproduce the best rank-``k`` approximation of ``ΔW``. Unlike PEFT, an update that is exactly zero
-gets rank 0 (PEFT keeps a zero rank-1 pair): it carries nothing, so it is dropped.
+least ``energy`` of ``Σ S²`` (PEFT's float ``rank``). The decompositions it is applied to live in
+``lora_ops.compress.trim`` (``svd_trim`` and the compress stage's ``budget: energy`` share them).
+Unlike PEFT, an update that is exactly zero gets rank 0 (PEFT keeps a zero rank-1 pair): it carries
+nothing, so it is dropped.
 """
 
 from __future__ import annotations
@@ -22,19 +23,3 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
         return 0
     k = int(torch.searchsorted(cumulative, energy * cumulative[-1]).item()) + 1
     return min(k, singular_values.numel())
-
-
-def truncated_factors(delta: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(A' ``k x in``, B' ``out x k``, k) with ``B' A'`` the rank-``k`` truncation of ``delta`` (float64 SVD).
-
-    Signs are made canonical (each column of ``U`` has its largest-magnitude entry positive), so the
-    factors depend on ``delta`` alone, not on the LAPACK path that produced them."""
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    k = energy_rank(s, energy)
-    u, s, vh = u[:, :k], s[:k], vh[:k]
-    if k:
-        pivot = u.abs().argmax(dim=0)
-        sign = torch.sign(u[pivot, torch.arange(k)])
-        sign[sign == 0] = 1.0
-        u, vh = u * sign, vh * sign[:, None]
-    return vh, u * s, k

@@ -22,7 +22,7 @@ from torch import nn
 
 from lora_ops.adapters.base import AdapterLayer, adapter_layers
 from lora_ops.adapters.lora import LoRALinear
-from lora_ops.lowrank import truncated_factors
+from lora_ops.compress.trim import decompose_svd
 from lora_ops.methods.base import Method, MethodContext, register
 from lora_ops.methods.lora import own_lora
 from lora_ops.methods.recipe import MethodParams
@@ -47,14 +47,19 @@ class TrimmableLoRALinear(LoRALinear):
         return int(idx[-1]) + 1 if idx.numel() else 0
 
     def trim(self, energy: float) -> int:
-        """Replace the pair by the truncated SVD of this layer's update, zero-padded to its shape."""
+        """Replace the pair by the truncated SVD of this layer's update, zero-padded to its shape.
+
+        The decomposition is the compress stage's ``rank: svd`` (factor space, float64) and the rule its
+        ``budget: energy``: ``svd_trim`` is LoRA followed by that setting, computed by the same code."""
         with torch.no_grad():
-            a, b, k = truncated_factors(self.delta_weight(), energy)
+            d = decompose_svd(self.lora.A, self.lora.B, self.scale)
+            k = d.rank_at_energy(energy)
+            a, b = d.factors(k, scaling=self.scale)  # scale · B' A' is the rank-k truncation
             self.lora.A.zero_()
             self.lora.B.zero_()
             if k:
                 self.lora.A[:k] = a.to(self.lora.A.dtype)
-                self.lora.B[:, :k] = (b / self.scale).to(self.lora.B.dtype)
+                self.lora.B[:, :k] = b.to(self.lora.B.dtype)
         return k
 
     def num_active(self) -> int:

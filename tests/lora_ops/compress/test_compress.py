@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.dense_reference import truncated_factors
 
 from lora_ops.compress import (
     CompressedPair,
@@ -21,7 +22,7 @@ from lora_ops.compress import (
     ranks_at_module_energy,
     unpack_int4,
 )
-from lora_ops.lowrank import energy_rank, truncated_factors
+from lora_ops.lowrank import energy_rank
 
 OUT, IN, RANK, TOKENS = 24, 20, 8, 300
 SCALING = 0.5

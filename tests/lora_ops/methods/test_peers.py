@@ -10,11 +10,12 @@ import re
 
 import pytest
 import torch
+from support.dense_reference import truncated_factors
 from support.tiny_training import reload_with_peft
 
 from lora_ops.adapters.base import adapter_layers
 from lora_ops.data import BatchSource
-from lora_ops.lowrank import energy_rank, truncated_factors
+from lora_ops.lowrank import energy_rank
 from lora_ops.methods import AdapterConfig, MethodContext, get_method
 from lora_ops.targets import find_targets, freeze_all_but
 from lora_ops.training.loop import TrainConfig, train
