@@ -9,6 +9,8 @@ classification head trained), in these variants:
   (b)    ours, dynamic + grouped  lora_ops' loop, length-grouped batches padded to their longest example, fp32
   (b16)  ours as (b), precision bf16 (autocast; frozen weights cast to bf16 once, adapters/optimiser fp32)
   (b16f) ours as (b16) with fused AdamW
+  (bcls) ours as (b) with the [CLS]-only last layer (lora_ops/training/cls_only.py)
+  (b16cls) ours as (b16f) with the [CLS]-only last layer
   (c)    Trainer + PEFT           transformers.Trainer on a PEFT LoRA model, DataCollatorWithPadding,
                                   train_sampling_strategy="group_by_length", fp32
   (c16)  Trainer + PEFT as (c) with bf16=True (CPU autocast; Trainer's default fused AdamW)
@@ -17,7 +19,9 @@ Each row also prints its achieved GFLOP/s and share of the estimated peak: FLOPs
 the model's shapes and each batch's padded width (benchmarks/flops.py: frozen GEMMs forward and
 input-gradient, LoRA factor GEMMs, attention), and the peak is *measured* in the same run, in its own
 process with the same thread count: F.linear at MiniLM's shapes (384->384, 384->1536, 1536->384) on
-2,048 tokens, in fp32 and in bf16. A row's share is against the rate of its own precision.
+2,048 tokens, in fp32 and in bf16. A row's share is against the rate of its own precision. The
+[CLS]-only rows are credited with the full layer's FLOPs: their rate is the effective one (work a
+full computation would have needed, per second).
 
 Each variant runs in its own subprocess (so peak RSS is its own) with the same thread count;
 the variants alternate in order over ``--repeats`` rounds and the median wall time is reported.
@@ -46,8 +50,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 VARIANTS = {"a": "ours, fixed padding (64), fp32", "b": "ours, dynamic padding + length grouping, fp32",
             "b16": "ours, dynamic + grouping, bf16", "b16f": "ours, dynamic + grouping, bf16, fused AdamW",
+            "bcls": "ours, dynamic + grouping, fp32, [CLS]-only last layer",
+            "b16cls": "ours, dynamic + grouping, bf16, fused AdamW, [CLS]-only last layer",
             "c": "Trainer + PEFT, group_by_length, fp32", "c16": "Trainer + PEFT, group_by_length, bf16=True"}
-PRECISION = {"a": "fp32", "b": "fp32", "b16": "bf16", "b16f": "bf16", "c": "fp32", "c16": "bf16"}
+PRECISION = {"a": "fp32", "b": "fp32", "b16": "bf16", "b16f": "bf16", "bcls": "fp32", "b16cls": "bf16", "c": "fp32",
+             "c16": "bf16"}
 LR, EPOCHS, BATCH, MAX_LEN, TRAIN, SEED, RANK = 1e-3, 2, 32, 64, 4000, 42, 8
 DEV: int | None = None  # the full dev set
 
@@ -90,7 +97,8 @@ def _accuracy(model, tok, dev) -> float:
     return float((logits.argmax(-1) == torch.tensor(dev["label"].to_numpy())).float().mean())
 
 
-def run_ours(dynamic: bool, mirror: Path, precision: str = "fp32", fused_adamw: bool = False) -> dict:
+def run_ours(dynamic: bool, mirror: Path, precision: str = "fp32", fused_adamw: bool = False,
+             cls_only: bool = False) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -116,7 +124,7 @@ def run_ours(dynamic: bool, mirror: Path, precision: str = "fp32", fused_adamw: 
     feats["labels"] = torch.tensor(train_df["label"].to_numpy())
     data = BatchSource(feats, BATCH, seed=SEED, group_by_length=dynamic, dynamic_padding=dynamic)
     cfg = TrainConfig(epochs=EPOCHS, lr=LR, weight_decay=0.01, warmup_ratio=0.06, grad_clip=1.0, progress=False,
-                      precision=precision, fused_adamw=fused_adamw)
+                      precision=precision, fused_adamw=fused_adamw, cls_only_last_layer=cls_only)
     shapes = [tuple(b["attention_mask"].shape[::-1]) for e in range(EPOCHS) for b in data.batches(e)]
     tokens = sum(w * n for w, n in shapes)
     start = time.perf_counter()
@@ -188,7 +196,8 @@ def child(variant: str, mirror: Path, threads: int) -> None:
     if variant.startswith("c"):
         result = run_trainer(mirror, bf16=variant == "c16")
     else:
-        result = run_ours(variant != "a", mirror, PRECISION[variant], fused_adamw=variant == "b16f")
+        result = run_ours(variant != "a", mirror, PRECISION[variant], fused_adamw=variant in ("b16f", "b16cls"),
+                          cls_only=variant.endswith("cls"))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 

@@ -24,6 +24,7 @@ from lora_ops.adapters.base import AdapterLayer, drop_lowp_copies
 from lora_ops.data import BatchSource
 from lora_ops.schedules import warmup_linear_decay
 from lora_ops.training import precision as amp
+from lora_ops.training.cls_only import cls_only_last_layer
 from lora_ops.training.controller import Controller
 
 
@@ -52,6 +53,10 @@ class TrainConfig:
     #: the device. Off by default for now: its rounding differs from the loop's in the last bit, so turning it
     #: on changes a run's bytes (not their reproducibility); see benchmarks/bench_optimizer.py
     fused_adamw: bool = False
+    #: a BERT-style classifier's last layer computes the [CLS] row only (lora_ops/training/cls_only.py): the
+    #: same loss and gradients to float rounding, ~14 % fewer linear FLOPs on MiniLM. Off by default for now:
+    #: like fused_adamw it changes a run's bytes in the last bits; other models ignore it
+    cls_only_last_layer: bool = False
 
 
 @dataclass
@@ -232,76 +237,79 @@ def train(
     bar = tqdm(total=total, initial=step, disable=not show, desc=cfg.progress_label, unit="step",
                dynamic_ncols=True, mininterval=1.0)
     started = time.perf_counter()
-    model.train()
-    while step < total and epoch < cfg.epochs:
-        for batch in data.batches(epoch, start=batch_in_epoch):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with amp.autocast(precision, device):
-                loss = loss_fn(model, batch)
-            if dist.world_size() > 1:
-                # ranks may hold unequal shares of the global batch (the last batch of an epoch):
-                # weight each rank's mean loss so the averaged gradient is the global-batch mean
-                local = next(iter(batch.values())).shape[0]
-                loss = loss * (local * dist.world_size() / dist.sum_scalar(local))
-            reg = controller.regularizer(step)
-            total_loss = loss if reg is None else loss + reg
-            if not torch.isfinite(total_loss):
-                raise FloatingPointError(f"loss became {total_loss.item()} at step {step}: lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            (total_loss if scaler is None else scaler.scale(total_loss)).backward()
-            dist.all_reduce_gradients(trainable)
-            if scaler is not None:
-                # after the all-reduce, so an overflow on one rank is seen (and skipped) by all; before the
-                # controller and clipping, which need true gradients (LoRAPrune's scores mix G and G^2 terms)
-                scaler.unscale_(optimizer)
-            if scaler is None or amp.grads_finite(trainable):
-                controller.on_after_backward(step + 1)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-                scaler.update()
-            scheduler.step()
-            step += 1
-            batch_in_epoch += 1
-            controller.on_step_end(step)
-            record = {"step": step, "epoch": epoch + batch_in_epoch / steps_per_epoch,
-                      "loss": dist.mean_scalar(loss.item()), "lr": scheduler.get_last_lr()[0]}
-            if reg is not None:
-                record["regularizer"] = float(reg.detach())
-            result.history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-            bar.update(1)
-            end_of_epoch = batch_in_epoch >= steps_per_epoch
-            if step >= total or end_of_epoch:
-                break
-            if on_checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+    with cls_only_last_layer(model, cfg.cls_only_last_layer) as cls_only:
+        if cfg.cls_only_last_layer:
+            log.info("[CLS]-only last layer: %s", "on" if cls_only else "not applicable to this model")
+        model.train()
+        while step < total and epoch < cfg.epochs:
+            for batch in data.batches(epoch, start=batch_in_epoch):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with amp.autocast(precision, device):
+                    loss = loss_fn(model, batch)
+                if dist.world_size() > 1:
+                    # ranks may hold unequal shares of the global batch (the last batch of an epoch):
+                    # weight each rank's mean loss so the averaged gradient is the global-batch mean
+                    local = next(iter(batch.values())).shape[0]
+                    loss = loss * (local * dist.world_size() / dist.sum_scalar(local))
+                reg = controller.regularizer(step)
+                total_loss = loss if reg is None else loss + reg
+                if not torch.isfinite(total_loss):
+                    raise FloatingPointError(f"loss became {total_loss.item()} at step {step}: lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                (total_loss if scaler is None else scaler.scale(total_loss)).backward()
+                dist.all_reduce_gradients(trainable)
+                if scaler is not None:
+                    # after the all-reduce, so an overflow on one rank is seen (and skipped) by all; before the
+                    # controller and clipping, which need true gradients (LoRAPrune's scores mix G and G^2 terms)
+                    scaler.unscale_(optimizer)
+                if scaler is None or amp.grads_finite(trainable):
+                    controller.on_after_backward(step + 1)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                    scaler.update()
+                scheduler.step()
+                step += 1
+                batch_in_epoch += 1
+                controller.on_step_end(step)
+                record = {"step": step, "epoch": epoch + batch_in_epoch / steps_per_epoch,
+                          "loss": dist.mean_scalar(loss.item()), "lr": scheduler.get_last_lr()[0]}
+                if reg is not None:
+                    record["regularizer"] = float(reg.detach())
+                result.history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+                bar.update(1)
+                end_of_epoch = batch_in_epoch >= steps_per_epoch
+                if step >= total or end_of_epoch:
+                    break
+                if on_checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    on_checkpoint(snapshot())
+            # epoch finished (or budget reached): evaluate, keep the best state
+            if evaluate is not None:
+                model.eval()
+                metrics = evaluate(model)
+                model.train()
+                metrics = {"step": step, "epoch": epoch + 1, **metrics}
+                result.evals.append(metrics)
+                value = metrics.get(cfg.select_metric)
+                if value is None:
+                    raise KeyError(f"select_metric {cfg.select_metric!r} not among evaluation metrics {sorted(metrics)}")
+                improved = not result.best or (value > result.best["value"] if maximise else value < result.best["value"])
+                better = controller.allows_best(step) and improved
+                if better:
+                    result.best = {"value": value, "step": step, "epoch": epoch + 1, "trainable": trainable_state(model),
+                                   "controller": controller.state_dict()}
+                if show:
+                    tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                                 if isinstance(v, float)))
+            epoch += 1
+            batch_in_epoch = 0
+            if on_checkpoint is not None and step < total:
                 on_checkpoint(snapshot())
-        # epoch finished (or budget reached): evaluate, keep the best state
-        if evaluate is not None:
-            model.eval()
-            metrics = evaluate(model)
-            model.train()
-            metrics = {"step": step, "epoch": epoch + 1, **metrics}
-            result.evals.append(metrics)
-            value = metrics.get(cfg.select_metric)
-            if value is None:
-                raise KeyError(f"select_metric {cfg.select_metric!r} not among evaluation metrics {sorted(metrics)}")
-            improved = not result.best or (value > result.best["value"] if maximise else value < result.best["value"])
-            better = controller.allows_best(step) and improved
-            if better:
-                result.best = {"value": value, "step": step, "epoch": epoch + 1, "trainable": trainable_state(model),
-                               "controller": controller.state_dict()}
-            if show:
-                tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                             if isinstance(v, float)))
-        epoch += 1
-        batch_in_epoch = 0
-        if on_checkpoint is not None and step < total:
-            on_checkpoint(snapshot())
-    bar.close()
+        bar.close()
     controller.on_train_end()
     if result.best:
         load_trainable_state(model, result.best["trainable"])
