@@ -26,10 +26,12 @@ from lora_ops.stats import (
     MET,
     NOT_MET,
     PairedDifference,
+    ScoreInterval,
     SeedRun,
     Target,
     format_interval,
     paired_difference,
+    score_interval,
     seeds_to_extend,
     task_metric,
     verdicts,
@@ -113,6 +115,13 @@ def difference(preds: pd.DataFrame, task: str, label: str, against: str, metric:
     if not {r.seed for r in mine} & {r.seed for r in theirs}:
         return None
     return paired_difference(mine, theirs, task_metric(metric), scale=100.0, draws=draws)
+
+
+def interval(preds: pd.DataFrame, task: str, label: str, metric: str, draws: int = DRAWS) -> ScoreInterval | None:
+    """``label``'s mean dev score over its seeds with a 95 % hierarchical-bootstrap interval, in points; None
+    without per-example predictions."""
+    runs = seed_runs(preds, task, label, metric)
+    return score_interval(runs, task_metric(metric), scale=100.0, draws=draws) if runs else None
 
 
 def is_peer(label: str) -> bool:

@@ -270,13 +270,18 @@ def targets(s: pd.DataFrame, preds: pd.DataFrame | None = None, draws: int = pai
     return paired.check_targets(s, paired.empty() if preds is None else preds, draws=draws)
 
 
+def _interval_text(chosen: pd.DataFrame, task: str, label: str, metric: str, draws: int) -> str:
+    ci = paired.interval(chosen, task, label, metric, draws) if not chosen.empty else None
+    return "–" if ci is None else f"[{ci.low:.2f}, {ci.high:.2f}]"
+
+
 def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | None = None,
              draws: int = paired.DRAWS) -> str:
     """The report; ``preds``: the runs' per-example predictions (the paired sections need them)."""
     s = summary(df)
     chosen = paired.selected(df, paired.empty() if preds is None else preds)
     figures = {c: h for c, h in figure_labels(s["method"]).items() if c in s.columns}
-    head = ["task", "method", "metric", "dev (mean ± std)", "n", "lr", "validation", "stored params (mean ± std)",
+    head = ["task", "method", "metric", "dev (mean ± std)", "dev 95 % interval (pt)", "n", "lr", "validation", "stored params (mean ± std)",
             "stored % of LoRA", "stored bytes", "bytes % of LoRA fp32", "trainable % of LoRA", *figures.values(),
             "train s", "peak RSS MB"]
     lines = [header, "", f"Command: `{command}`", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -287,7 +292,8 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
     for _, r in s.iterrows():
         stored = fmt_int(r["stored_mean"]) + (f" ± {fmt_int(r['stored_std'])}" if r["stored_std"] else "")
         lines.append("| " + " | ".join([
-            r["task"], r["method"], r["metric"], f"{r['score_mean']:.4f} ± {r['score_std']:.4f}", str(r["n"]),
+            r["task"], r["method"], r["metric"], f"{r['score_mean']:.4f} ± {r['score_std']:.4f}",
+            _interval_text(chosen, str(r["task"]), str(r["method"]), str(r["metric"]), draws), str(r["n"]),
             f"{r['lr']:.1e}", fmt(r["validation_mean"], 4), stored,
             fmt(100 * r["stored_mean"] / lora_stored[r["task"]] if r["task"] in lora_stored else None),
             fmt_int(r["bytes_mean"]),
@@ -316,13 +322,26 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
     return "\n".join(lines) + "\n"
 
 
-def pareto_chart(df: pd.DataFrame, path: Path) -> None:
+def _yerr(chosen: pd.DataFrame, task: str, label: str, metric: str, score: float, g: pd.DataFrame,
+          draws: int) -> Any:
+    """Error bar of one chart point: its 95 % interval where predictions exist, else ± the seeds' std."""
+    ci = paired.interval(chosen, task, label, metric, draws) if not chosen.empty else None
+    if ci is not None:
+        return [[max(score - ci.low, 0.0)], [max(ci.high - score, 0.0)]]
+    std = float(g[g["method"] == label]["score_std"].iloc[0]) * 100
+    return std or None
+
+
+def pareto_chart(df: pd.DataFrame, path: Path, preds: pd.DataFrame | None = None, draws: int = paired.DRAWS
+                 ) -> None:
     """Dev metric against what is stored, one panel per task, one point per study row (error bars: std over
-    seeds). With stored bytes in the rows (the compress stage's), the x axis is bytes on a log scale and the
+    seeds; with ``preds``, the selected runs' per-example predictions, the 95 % hierarchical-bootstrap interval
+    of the mean instead). With stored bytes in the rows (the compress stage's), the x axis is bytes on a log scale and the
     LoRA-by-rank frontier (:mod:`flows.frontier`) is drawn as a step line through its upper envelope; rows of an
     older study.csv without bytes fall back to stored parameters and the Pareto frontier of the rows."""
     plt = pyplot()
     s = summary(df)
+    chosen = paired.selected(df, preds) if preds is not None else paired.empty()
     tasks = list(dict.fromkeys(s["task"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 5.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -330,11 +349,12 @@ def pareto_chart(df: pd.DataFrame, path: Path) -> None:
         by_bytes = bool(g["bytes_mean"].notna().any())
         if by_bytes:
             front, envelope, others = frontier.chart_points(s, str(task), parse_variant, reference_method())
-            std = dict(zip(g["method"], 100 * g["score_std"]))
+            metric = str(g["metric"].iloc[0])
             for pts, style, colour in ((front, "s", "grey"), (others, "o", None)):
                 for p in pts:
-                    ax.errorbar(p.stored_bytes, p.score, yerr=std.get(p.label) or None, fmt=style, capsize=3,
-                                color=colour, alpha=0.8)
+                    ax.errorbar(p.stored_bytes, p.score, yerr=_yerr(chosen, str(task), p.label, metric, p.score, g,
+                                                                    draws),
+                                fmt=style, capsize=3, color=colour, alpha=0.8)
                     ax.annotate(p.label, (p.stored_bytes, p.score), textcoords="offset points", xytext=(5, 4),
                                 fontsize=6)
             if len(envelope) > 1:
@@ -357,7 +377,8 @@ def pareto_chart(df: pd.DataFrame, path: Path) -> None:
                 ax.step(*zip(*frontier_xy), where="post", color="grey", alpha=0.5, linestyle="--",
                         label="Pareto frontier")
             ax.set_xlabel("stored adapter parameters")
-        ax.set_ylabel(f"dev {g['metric'].iloc[0]} × 100 (mean ± std over seeds)")
+        ax.set_ylabel(f"dev {g['metric'].iloc[0]} × 100 (mean; "
+                      + ("95 % interval)" if not chosen.empty else "± std over seeds)"))
         ax.set_title(str(task))
         ax.grid(alpha=0.3, which="both")
         if ax.get_legend_handles_labels()[0]:
@@ -523,7 +544,7 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     paired.write(files[3], preds)
     with atomic_path(files[0]) as tmp:
         tmp.write_text(report)
-    pareto_chart(df, files[2])
+    pareto_chart(df, files[2], preds)
     run_id = log_report_run(root, p0.tracking.experiment, files, df[df["selected"]], kind="study", tags={
                          "study": "true", "methods": ",".join(methods), "seeds": ",".join(map(str, seeds)),
                           "overrides": json.dumps(base, default=str)[:5000]})
@@ -569,7 +590,7 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
     paired.write(files[3], preds)
     with atomic_path(files[0]) as tmp:
         tmp.write_text(report)
-    pareto_chart(df, files[2])
+    pareto_chart(df, files[2], preds, draws)
     return files
 
 

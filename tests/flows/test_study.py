@@ -104,7 +104,7 @@ def test_summary_targets_report_and_chart(tmp_path):
     verdicts = {c.method: c.verdict for c in targets(s, chosen, draws=500)}
     assert verdicts == {"lora_drop": "met", "bone": "not met", "bat": "met", "blora": "inconclusive"}
     md = markdown(df, "# Method study", "python -m flows.study --methods lora", preds, draws=500)
-    assert "| sst2 | lora | accuracy | 0.8450 ± 0.0050 | 3 |" in md
+    assert "| sst2 | lora | accuracy | 0.8450 ± 0.0050 | [82.37, 86.54] | 3 |" in md  # seeds, then examples
     assert "| sst2 | lora | 2 | 2.0e-03 | 0.0000 | 0.0000 |  |" in md  # the sweep row, not chosen
     assert "## Paired differences" in md
     assert "| sst2 | lora_drop | lora | accuracy | -0.25 | [" in md and "| 3 | s1 -0.25, s2 -0.25, s3 -0.25 |" in md

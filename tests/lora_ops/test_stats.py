@@ -13,6 +13,7 @@ from lora_ops.stats import (
     SeedRun,
     Target,
     paired_difference,
+    score_interval,
     seeds_to_extend,
     task_metric,
     verdicts,
@@ -116,3 +117,14 @@ def test_only_inconclusive_comparisons_get_more_seeds():
     assert seeds_to_extend(results, 5) == {"cola/lora_drop": 10, "sst2/blora": 10}
     assert seeds_to_extend(results, 10) == {}
     assert seeds_to_extend(results, 8, step=5) == {"cola/lora_drop": 10, "sst2/blora": 10}
+
+
+def test_score_interval_covers_the_mean_and_widens_with_seed_spread():
+    labels = np.arange(600) % 2
+    steady = score_interval(_runs([0.80] * 5, n=600, labels=labels), ACC, scale=100, draws=400)
+    noisy = score_interval(_runs([0.90, 0.70, 0.90, 0.70, 0.80], n=600, labels=labels), ACC, scale=100, draws=400)
+    assert steady.low < steady.mean < steady.high and steady.seeds == 5
+    assert abs(steady.mean - 80.0) < 0.5 and abs(noisy.mean - 80.0) < 0.5
+    assert (noisy.high - noisy.low) > 2 * (steady.high - steady.low)
+    with pytest.raises(ValueError, match="no runs"):
+        score_interval([], ACC)
