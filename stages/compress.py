@@ -12,9 +12,11 @@ exports, the registry and serving use.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
@@ -37,8 +39,10 @@ from lora_ops.compress.adapter import (
     pair_sites,
     store_pair,
 )
+from lora_ops.compress.recover import recover, steps_config
 from lora_ops.compress.search import Candidate, search_bits, search_budget, within_tolerance
 from lora_ops.compress.trim import Decomposition
+from lora_ops.data import BatchSource
 from lora_ops.methods import get_method
 from lora_ops.stats import SeedRun, paired_difference, task_metric
 from lora_ops.targets import unload
@@ -55,7 +59,7 @@ from stages.common.paths import Paths
 from stages.common.product import tensor_bytes
 from stages.common.tracking import StageRun
 
-CURVE_COLUMNS = ["components", "bits", "stored_bytes", "metric", "metric_bound", "within", "chosen"]
+CURVE_COLUMNS = ["components", "bits", "stored_bytes", "metric", "metric_bound", "within", "recovered", "chosen"]
 BOUND_DRAWS = 1000  # bootstrap draws per candidate's paired bound (~0.1 s on 400 validation examples)
 WIDTHS = (8, 4, 0)  # bits searched (0 = float32 factors), in lora_ops.compress.search.WALK_ORDER
 
@@ -102,6 +106,9 @@ class Compressor:
         load_trainable_state(adapted.model, state)
         self.model = adapted.model.eval()
         self.device = adapted.ctx.device
+        self.tokenizer, self.train_cfg = adapted.loaded.tokenizer, adapted.ctx.train
+        self._recovered: dict[tuple[tuple[str, int], ...], CompressedAdapter] = {}
+        self.recovery_seconds, self.recoveries = 0.0, 0
         self.head = {k: v.contiguous() for k, v in sorted(head_tensors(state, plan).items())}
         formless = [n for n, layer in adapter_layers(self.model).items() if not hasattr(layer, "as_lora")]
         if formless:
@@ -167,6 +174,41 @@ class Compressor:
             out.append(store_pair(site.modules, a, b, site.scale, bits, self.cp.group_size))
         return out
 
+    # ---------------------------------------------------------------- recovery
+    def recovered(self, ranks: dict[str, int]) -> CompressedAdapter:
+        """The float pairs at ``ranks`` and the head after ``recovery_steps`` steps on the training split
+        (lora_ops.compress.recover), once per distinct set of ranks; the bit widths are applied after it."""
+        key = tuple(sorted(ranks.items()))
+        if key not in self._recovered:
+            start = time.perf_counter()
+            with torch.no_grad():  # the base model as merge would see it before folding: base weights back
+                for name, lin in self.linears.items():
+                    lin.weight.copy_(self.base_weights[name])
+            base = copy.deepcopy(self.model)
+            float_pairs = CompressedAdapter(pairs=self.pairs(ranks, 0), head=dict(self.head))
+            data = BatchSource(self._train_features(), self.params.train.batch_size,
+                               seed=runtime.derive_seed(self.params.seed, "recovery") % 2**31,
+                               group_by_length=self.params.train.group_by_length,
+                               pad_to_multiple_of=self.params.train.pad_to_multiple_of)
+            cfg = steps_config(self.train_cfg, self.cp.recovery_steps, len(data), self.cp.recovery_lr)
+            runtime.seed_everything(runtime.derive_seed(self.params.seed, "recovery-dropout"))
+            head_modules = sorted({name.rsplit(".", 1)[0] for name in self.head})
+            self._recovered[key] = recover(base, float_pairs, head_modules, data, cfg, self.device)
+            self.recoveries += 1
+            self.recovery_seconds += time.perf_counter() - start
+        return self._recovered[key]
+
+    def recovered_pairs(self, ranks: dict[str, int], bits: int) -> tuple[list[StoredPair], dict[str, torch.Tensor]]:
+        rec = self.recovered(ranks)
+        pairs = [store_pair(p.modules, p.a, p.b, p.scale, bits, self.cp.group_size) for p in rec.pairs]
+        return pairs, rec.head
+
+    def _train_features(self) -> dict[str, torch.Tensor]:
+        if not hasattr(self, "_train_f"):
+            self._train_f = tokenize(read_parquet(Paths.train), self.task, self.tokenizer,
+                                     self.params.model.max_length)
+        return self._train_f
+
     def size(self, ranks: dict[str, int], bits: int) -> int:
         return tensor_bytes(self.head) + sum(
             pair_bytes(ranks[s.key], s.a.shape[1], s.b.shape[0], bits, self.cp.group_size) for s in self.sites)
@@ -213,14 +255,27 @@ class Compressor:
                                  confidence=1 - 2 * (1 - one_sided), seed=0)
         return self.reference + min(diff.low, 0.0)  # a gain is no reason to trust a candidate more
 
-    def metric(self, pairs: list[StoredPair]) -> float:
+    def metric(self, pairs: list[StoredPair], head: dict[str, torch.Tensor] | None = None) -> float:
+        """Validation metric of these pairs (and ``head``, a recovered one; else the trained head)."""
         weights = dict(self.base_weights)
         for pair in pairs:
             if pair.rank:
                 delta = pair.delta_weight()
                 for m in pair.modules:  # AdapterLayer.merged_weight of a LoRALinear holding this pair
                     weights[m] = self.base_weights[m] + delta.to(self.base_weights[m].dtype)
-        return self._metric(weights)
+        if head is None:
+            return self._metric(weights)
+        self._set_head(head)
+        try:
+            return self._metric(weights)
+        finally:
+            self._set_head(self.head)
+
+    def _set_head(self, head: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in head.items():
+                params[name].copy_(value)
 
     @property
     def higher_is_better(self) -> bool:
@@ -241,6 +296,18 @@ def choose(comp: Compressor) -> tuple[Candidate | None, list[Candidate], float, 
 
         chosen, curve = search_budget(size, evaluate, comp.total, widths, reference, cp.tolerance,
                                       comp.higher_is_better, bound=lambda _n, _bits: comp.metric_bound())
+        if cp.recovery_steps:
+            # the same search over recovered candidates, below the budget plain trimming reached: kept only
+            # where it stores less than the plain winner within the same tolerance
+            def evaluate_recovered(n: int, bits: int) -> float:
+                return comp.metric(*comp.recovered_pairs(comp.ranks_for(n), bits))
+
+            top = chosen.components if chosen is not None else comp.total
+            rec, rec_curve = search_budget(size, evaluate_recovered, top, widths, reference, cp.tolerance,
+                                           comp.higher_is_better, bound=lambda _n, _bits: comp.metric_bound())
+            curve += [replace(c, recovered=True) for c in rec_curve]
+            if rec is not None and (chosen is None or rec.stored_bytes < chosen.stored_bytes):
+                chosen = replace(rec, recovered=True)
         return chosen, curve, reference, None
     ranks = comp.ranks_for(None)
     kept = sum(ranks.values())
@@ -249,14 +316,33 @@ def choose(comp: Compressor) -> tuple[Candidate | None, list[Candidate], float, 
     if cp.bits == "search":
         chosen, curve = search_bits(fixed_size, fixed_eval, kept, widths, reference, cp.tolerance,
                                     comp.higher_is_better, bound=lambda _n, _bits: comp.metric_bound())
+        if cp.recovery_steps and cp.rank != "none":
+            rec, rec_curve = search_bits(fixed_size, lambda _n, bits: comp.metric(*comp.recovered_pairs(ranks, bits)),
+                                         kept, widths, reference, cp.tolerance, comp.higher_is_better,
+                                         bound=lambda _n, _bits: comp.metric_bound())
+            curve += [replace(c, recovered=True) for c in rec_curve]
+            if rec is not None and (chosen is None or rec.stored_bytes < chosen.stored_bytes):
+                chosen = replace(rec, recovered=True)
         return chosen, curve, reference, ranks
     # a fixed setting: no search, no tolerance check; its validation metric is still reported
-    metric = fixed_eval(kept, widths[0])
-    low = comp.metric_bound()
-    cand = Candidate(kept, widths[0], fixed_size(kept, widths[0]), metric,
-                     within_tolerance(metric if low is None else low, reference, cp.tolerance, comp.higher_is_better),
-                     low)
-    return cand, [cand], reference, ranks
+    def fixed(recovered: bool) -> Candidate:
+        metric = (comp.metric(*comp.recovered_pairs(ranks, widths[0])) if recovered
+                  else fixed_eval(kept, widths[0]))
+        low = comp.metric_bound()
+        judged = metric if low is None else low
+        return Candidate(kept, widths[0], fixed_size(kept, widths[0]), metric,
+                         within_tolerance(judged, reference, cp.tolerance, comp.higher_is_better), low, recovered)
+
+    cand = fixed(False)
+    curve = [cand]
+    if cp.recovery_steps and cp.rank != "none":
+        # recovered or not is chosen on validation: the better judged metric (the bound where there is one)
+        rec = fixed(True)
+        curve.append(rec)
+        score = (lambda c: c.metric if c.metric_bound is None else c.metric_bound)  # noqa: E731
+        better = score(rec) > score(cand) if comp.higher_is_better else score(rec) < score(cand)
+        cand = rec if better else cand
+    return cand, curve, reference, ranks
 
 
 def settings_of(cp: CompressParams) -> dict[str, Any]:
@@ -290,18 +376,24 @@ def main() -> None:
                   "validation_reference": reference, "evaluations": comp.evaluations,
                   "total_components": comp.total, "calibration_tokens": comp.tokens,
                   "curve": [c.row() for c in curve]}
+        # timings go to MLflow and the log line, never into the outputs (reruns are byte-identical)
         run.log_metrics({"compress.seconds": seconds, "compress.evaluations": comp.evaluations,
-                         "compress.validation_reference": reference})
+                         "compress.validation_reference": reference, "compress.recoveries": comp.recoveries,
+                         "compress.recovery_seconds": comp.recovery_seconds})
         run.log_artifact(Paths.compress_curve)
         if chosen is None:
             pass_through(f"no compressed candidate kept validation {comp.metric_name} within {cp.tolerance} "
                          f"point(s) of the uncompressed {reference:.4f}", run, plan, common)
             return
         ranks = fixed if fixed is not None else comp.ranks_for(chosen.components)
-        pairs = comp.pairs(ranks, chosen.bits)
-        adapter = CompressedAdapter(pairs=pairs, head=comp.head, settings={
-            "method": method.name, "criterion": cp.rank, "budget": cp.budget, "normalisation": cp.normalisation,
-            "components": chosen.components, "bits": chosen.bits, "group_size": cp.group_size})
+        pairs, head = comp.recovered_pairs(ranks, chosen.bits) if chosen.recovered else \
+            (comp.pairs(ranks, chosen.bits), comp.head)
+        settings = {"method": method.name, "criterion": cp.rank, "budget": cp.budget,
+                    "normalisation": cp.normalisation, "components": chosen.components, "bits": chosen.bits,
+                    "group_size": cp.group_size}
+        if chosen.recovered:  # only then: an adapter without recovery keeps the metadata it always had
+            settings["recovery_steps"] = cp.recovery_steps
+        adapter = CompressedAdapter(pairs=pairs, head=head, settings=settings)
         tensors, metadata = adapter.to_tensors()
         with atomic_path(Paths.compressed) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -311,7 +403,8 @@ def main() -> None:
                    "ranks": adapter.ranks(), "stored_params": adapter.stored_params,
                    "stored_bytes": adapter.stored_bytes(), "adapter_bytes": adapter.adapter_bytes(),
                    "head_bytes": adapter.head_bytes(), "uncompressed_bytes": uncompressed,
-                   "shared_pairs": sum(len(p.modules) > 1 for p in pairs)}
+                   "shared_pairs": sum(len(p.modules) > 1 for p in pairs), "recovered": chosen.recovered,
+                   "recoveries": comp.recoveries, "recovery_steps_run": comp.recoveries * cp.recovery_steps}
         write_json(Paths.compress_summary, summary)
         run.log_metrics({"compress.stored_bytes": summary["stored_bytes"], "compress.applied": 1,
                          "compress.stored_params": adapter.stored_params, "compress.bits": chosen.bits,
@@ -321,7 +414,9 @@ def main() -> None:
               f"{chosen.bits or 32}-bit factors: {summary['stored_bytes']:,} bytes "
               f"({summary['stored_bytes'] / uncompressed:.1%} of the finetuned adapter's {uncompressed:,}); "
               f"validation {comp.metric_name} {chosen.metric:.4f} vs {reference:.4f} uncompressed; "
-              f"{comp.evaluations} evaluations; {seconds:.1f}s ({setup:.1f}s model, statistics and decompositions)")
+              f"{comp.evaluations} evaluations; {seconds:.1f}s ({setup:.1f}s model, statistics and decompositions"
+              + (f", {comp.recovery_seconds:.1f}s in {comp.recoveries} recoveries of {cp.recovery_steps} steps"
+                 f" ({'kept' if chosen.recovered else 'not kept'})" if comp.recoveries else "") + ")")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ class Candidate:
     # a lower confidence bound of ``metric`` (higher-is-better) from a paired test against the uncompressed
     # adapter on the same examples; ``within`` is judged on it, so validation noise cannot pass a candidate
     metric_bound: float | None = None
+    # the candidate's factors (and head) were re-tuned after trimming (lora_ops.compress.recover)
+    recovered: bool = False
 
     def row(self) -> dict[str, float | int | bool]:
         return asdict(self)

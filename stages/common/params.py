@@ -170,6 +170,11 @@ class CompressParams(_Strict):
     confidence: float | None = Field(0.95, gt=0.5, lt=1.0, description="a candidate is within tolerance when a "
                                      "one-sided bound at this confidence (paired bootstrap over the validation "
                                      "examples, against the uncompressed adapter) is; null = the point estimate")
+    recovery_steps: int = Field(0, ge=0, description="optimizer steps re-tuning the trimmed factors and the head on "
+                                "the training split before quantisation, kept only where validation shows it "
+                                "pays; 0 = no recovery")
+    recovery_lr: float | None = Field(None, gt=0.0, description="recovery learning rate; null = the method's "
+                                      "adapter learning rate")
 
     @field_validator("rank", mode="before")
     @classmethod

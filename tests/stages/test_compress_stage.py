@@ -173,3 +173,35 @@ def test_bad_settings_are_one_line_exit_2_nothing_written(repo, tmp_path, key, v
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error [compress]:") and message in lines[0], lines
     assert not (copy / "data/compress").exists()
+
+
+def test_recovery_is_chosen_on_validation_and_is_what_evaluate_scores(repo, tmp_path):
+    from safetensors import safe_open
+
+    copy = _copy(repo, tmp_path)
+    set_params(copy, {"compress.budget": "components", "compress.components": 6, "compress.bits": 8,
+                      "compress.recovery_steps": 4})
+    run([sys.executable, "-m", "stages.compress"], copy)
+    summary = json.loads((copy / "data/compress/summary.json").read_text())
+    assert summary["recoveries"] == 1 and summary["recovery_steps_run"] == 4
+    curve = pd.read_csv(copy / "data/compress/curve.csv")
+    assert list(curve["recovered"]) == [False, True] and curve["chosen"].sum() == 1
+    judged = curve["metric_bound"].fillna(curve["metric"])
+    assert bool(curve.loc[curve["chosen"], "recovered"].iloc[0]) == bool(judged.iloc[1] > judged.iloc[0])
+    assert summary["recovered"] == bool(curve.loc[curve["chosen"], "recovered"].iloc[0])
+    with safe_open(str(copy / "data/compress/adapter.safetensors"), "pt") as f:
+        settings = json.loads(f.metadata()["lora_sieve_compressed"])["settings"]
+        head = {k: f.get_tensor(k) for k in f.keys() if k.startswith("head.")}
+    assert ("recovery_steps" in settings) == summary["recovered"]
+    with safe_open(str(copy / "data/finetune/adapter.safetensors"), "pt") as f:
+        trained_head = {f"head.{k}": f.get_tensor(k) for k in f.keys() if k.startswith("classifier.")}
+    assert head.keys() == trained_head.keys()
+    assert all(torch.equal(head[k], trained_head[k]) for k in head) != summary["recovered"]
+    first = _outputs(copy)
+    run([sys.executable, "-m", "stages.compress"], copy)
+    assert _outputs(copy) == first  # recovery is seeded: a rerun gives the same bytes
+    for stage in ("merge", "evaluate"):
+        run([sys.executable, "-m", f"stages.{stage}"], copy)
+    metrics = json.loads((copy / "data/evaluate/metrics.json").read_text())
+    # the stored (recovered or not) adapter is what evaluate scores: its validation is the chosen candidate's
+    assert metrics["validation_accuracy"] == pytest.approx(summary["validation"], abs=1e-9)
