@@ -579,6 +579,7 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
     preds = paired.combine([earlier_predictions(c) for c in csvs])
     first_md = Path(csvs[0]).with_name("study.md")
     header = first_md.read_text().split("\n\nCommand:", 1)[0] if first_md.is_file() else "# Method study"
+    header = header.split(" Rows of ", 1)[0]  # which rows an --append run kept: not true of the merged report
     if len(csvs) > 1:
         header += (" Merged from " + ", ".join(f"`{shown_path(c, root)}`" for c in csvs) + " (columns `git` and "
                    "`params_hash` of study.csv: the commit and configuration each row ran at).")

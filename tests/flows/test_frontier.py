@@ -97,11 +97,11 @@ def test_rebuild_merges_studies_and_draws_the_bytes_chart(tmp_path):
         d.mkdir()
         df.assign(task=task).to_csv(d / "study.csv", index=False)
         paired.write(d / "predictions.parquet", preds.assign(task=task))
-        (d / "study.md").write_text(f"# Study of {task}\n\nCommand: `x`\n")
+        (d / "study.md").write_text(f"# Study of {task} Rows of lora kept from `a.csv`.\n\nCommand: `x`\n")
     files = rebuild([str(tmp_path / t / "study.csv") for t in ("sst2", "cola")], tmp_path, "merged", "cmd",
                     draws=200)
     md = files[0].read_text()
-    assert md.startswith("# Study of sst2 Merged from")
+    assert md.startswith("# Study of sst2 Merged from") and "Rows of" not in md
     assert "| cola | lora+compress | 0.1 KiB |" in md
     assert len(pd.read_csv(files[1])) == 2 * len(df) and len(paired.read(files[3])) == 2 * len(preds)
     assert files[2].read_bytes()[:4] == b"\x89PNG"
