@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from flows import paired
+from lora_ops.methods.base import PaperTarget
 from lora_ops.stats import INCONCLUSIVE, MET, NOT_MET, PairedDifference, Target, format_interval, verdicts
 
 #: non-inferiority margin (dev points) for "the same dev": the compress stage's default tolerance
@@ -148,20 +149,8 @@ def section(placements: Sequence[Placement]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the compress issue's targets
-@dataclass(frozen=True)
-class CompressCheck:
-    task: str
-    what: str
-    against: str
-    margin: float
-    difference: PairedDifference | None
-    condition: str
-    condition_met: bool
-    verdict: str = INCONCLUSIVE
-
-
 def compress_targets(s: pd.DataFrame, preds: pd.DataFrame, parse: Parser, reference: str | None,
-                     draws: int = paired.DRAWS, alpha: float = 0.05) -> list[CompressCheck]:
+                     draws: int = paired.DRAWS, alpha: float = 0.05) -> list[paired.TargetCheck]:
     """The compress issue's targets per task (where the study has the rows they need), Holm-corrected together:
 
     * the smallest trimmed adapter at most :data:`SIZE_TARGET_PCT` % of the reference's fp32 bytes whose dev is
@@ -171,7 +160,12 @@ def compress_targets(s: pd.DataFrame, preds: pd.DataFrame, parse: Parser, refere
       ``budget: energy``) against it, at ``> −margin``;
     * ``output`` against ``svd`` at the same fixed component count (``budget: components``), at ``> 0``.
     """
-    pending: list[CompressCheck] = []
+    pending: list[tuple[str, str, str, PaperTarget, PairedDifference | None]] = []
+
+    def claim(task: str, row: str, against: str, what: str, margin: float, condition: str, held: bool,
+              d: PairedDifference | None) -> None:
+        pending.append((task, row, against, PaperTarget(what, margin, against, condition, held), d))
+
     for task in dict.fromkeys(s["task"]):
         g = s[s["task"] == task]
         metric = str(g["metric"].iloc[0])
@@ -188,24 +182,21 @@ def compress_targets(s: pd.DataFrame, preds: pd.DataFrame, parse: Parser, refere
         if small:
             best = min(small, key=lambda p: (-(p.score), p.stored_bytes))
             pct = 100 * best.stored_bytes / lora_fp32
-            pending.append(CompressCheck(str(task), f"{best.label}: ≤ {SIZE_TARGET_PCT:g} % of {reference}'s fp32 "
-                                         f"bytes at its dev", reference, -MARGIN, diff(best.label, reference),
-                                         f"stores {pct:.2f} %", True))
+            claim(str(task), best.label, reference, f"≤ {SIZE_TARGET_PCT:g} % of {reference}'s fp32 bytes at its dev",
+                  -MARGIN, f"stores {pct:.2f} %", True, diff(best.label, reference))
         elif trimmed:
             best = min(trimmed, key=lambda p: p.stored_bytes)
             pct = 100 * best.stored_bytes / lora_fp32
-            pending.append(CompressCheck(str(task), f"{best.label}: ≤ {SIZE_TARGET_PCT:g} % of {reference}'s fp32 "
-                                         f"bytes at its dev", reference, -MARGIN, diff(best.label, reference),
-                                         f"smallest trimmed row stores {pct:.2f} %", False))
+            claim(str(task), best.label, reference, f"≤ {SIZE_TARGET_PCT:g} % of {reference}'s fp32 bytes at its dev",
+                  -MARGIN, f"smallest trimmed row stores {pct:.2f} %", False, diff(best.label, reference))
         peft = [p for p in trimmed if p.settings.get("compress.rank") == "svd"
                 and p.settings.get("compress.budget") == "energy"]
         for trim in peft:
             for p in trimmed:
                 if p is trim or p.stored_bytes >= trim.stored_bytes:
                     continue
-                pending.append(CompressCheck(str(task), f"{p.label}: fewer bytes than {trim.label} at its dev",
-                                             trim.label, -MARGIN, diff(p.label, trim.label),
-                                             f"{100 * p.stored_bytes / trim.stored_bytes:.1f} % of its bytes", True))
+                claim(str(task), p.label, trim.label, "fewer bytes than the PEFT-style trim at its dev", -MARGIN,
+                      f"{100 * p.stored_bytes / trim.stored_bytes:.1f} % of its bytes", True, diff(p.label, trim.label))
         for p in trimmed:
             # no criterion in the label: the params' own (output, the default)
             if p.settings.get("compress.rank", "output") == "output" and \
@@ -213,33 +204,30 @@ def compress_targets(s: pd.DataFrame, preds: pd.DataFrame, parse: Parser, refere
                 twin = {**p.settings, "compress.rank": "svd"}
                 for q in trimmed:
                     if dict(q.settings) == twin:
-                        pending.append(CompressCheck(
-                            str(task), f"output criterion beats svd at {p.settings.get('compress.components')} "
-                            "components", q.label, 0.0, diff(p.label, q.label), "same components", True))
-    tested = [Target(c.what, c.difference, c.margin) for c in pending if c.difference is not None]
+                        claim(str(task), p.label, q.label, "output criterion beats svd at the same components",
+                              0.0, f"{p.settings.get('compress.components')} components each", True,
+                              diff(p.label, q.label))
+    tested = [Target(t.what, d, t.threshold) for *_, t, d in pending if d is not None]
     words = iter(v.verdict for v in verdicts(tested, alpha))
     out = []
-    for c in pending:
-        word = next(words) if c.difference is not None else INCONCLUSIVE
-        out.append(CompressCheck(c.task, c.what, c.against, c.margin, c.difference, c.condition, c.condition_met,
-                                 NOT_MET if not c.condition_met else word))
+    for task, me, them, t, d in pending:
+        word = next(words) if d is not None else INCONCLUSIVE  # every tested claim takes its Holm verdict
+        out.append(paired.TargetCheck(task, me, them, t, d, NOT_MET if not t.condition_met else word))
     return out
 
 
-def targets_section(checks: Sequence[CompressCheck]) -> list[str]:
+def targets_section(checks: Sequence[paired.TargetCheck]) -> list[str]:
     if not checks:
         return []
     lines = ["", "## Compress targets", "",
              f"Paired claims `row − against > margin` (points), Holm-corrected over these {len(checks)}: **met** only "
              "when the whole corrected interval clears the margin, **not met** when it lies wholly on the wrong side "
              "or the stated condition fails, else inconclusive.", "",
-             "| task | target | against | margin (pt) | measured | condition | verdict |",
-             "|---|---|---|---|---|---|---|"]
+             "| task | row | target | against | margin (pt) | measured | verdict |", "|---|---|---|---|---|---|---|"]
     for c in checks:
-        measured = (f"{format_interval(c.difference)}, {len(c.difference.per_seed)} seeds ({paired.per_seed_text(c.difference)})"
-                    if c.difference is not None else "no paired predictions")
-        word = "**not met**" if c.verdict == NOT_MET else f"**{c.verdict}**" if c.verdict == MET else c.verdict
-        lines.append(f"| {c.task} | {c.what} | {c.against} | {c.margin:+g} | {measured} | {c.condition} | {word} |")
+        seeds = f" ({paired.per_seed_text(c.difference)})" if c.difference is not None else ""
+        lines.append(f"| {c.task} | {c.method} | {c.target.what} | {c.against} | {c.target.threshold:+g} | "
+                     f"{c.measured}{seeds} | {'**met**' if c.verdict == MET else c.shown} |")
     return lines
 
 
