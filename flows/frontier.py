@@ -91,7 +91,7 @@ class Placement:
             return "smaller than every frontier point"
         if d is None:
             return "no paired predictions"
-        return {MET: "**above**", NOT_MET: "below"}.get(verdicts([Target("", d, 0.0)])[0].verdict, INCONCLUSIVE)
+        return {MET: "**above**", NOT_MET: "below"}.get(paired.sign(d), INCONCLUSIVE)
 
 
 def place(s: pd.DataFrame, preds: pd.DataFrame, parse: Parser, reference: str | None,

@@ -124,6 +124,17 @@ def interval(preds: pd.DataFrame, task: str, label: str, metric: str, draws: int
     return score_interval(runs, task_metric(metric), scale=100.0, draws=draws) if runs else None
 
 
+def intervals(s: pd.DataFrame, preds: pd.DataFrame, draws: int = DRAWS) -> dict[tuple[str, str], ScoreInterval]:
+    """:func:`interval` of every (task, label) of a study summary that has predictions: computed once per
+    report, read by its table and its chart."""
+    out = {}
+    for _, r in s.iterrows():
+        ci = interval(preds, str(r["task"]), str(r["method"]), str(r["metric"]), draws) if not preds.empty else None
+        if ci is not None:
+            out[(str(r["task"]), str(r["method"]))] = ci
+    return out
+
+
 def is_peer(label: str) -> bool:
     """A peer baseline (PEFT's own alternatives, Method.study_peer): compared against, not compared."""
     cls = method_class(label)
@@ -157,10 +168,14 @@ def comparisons(s: pd.DataFrame, preds: pd.DataFrame, draws: int = DRAWS) -> lis
     return out
 
 
+def sign(d: PairedDifference) -> str:
+    """MET (the 95 % interval above 0), NOT_MET (below) or INCONCLUSIVE: this comparison alone, uncorrected."""
+    return verdicts([Target("", d, 0.0)])[0].verdict
+
+
 def sign_word(d: PairedDifference) -> str:
-    """Higher / lower / no clear difference: the 95 % interval against 0, this comparison alone (uncorrected)."""
-    word = verdicts([Target("", d, 0.0)])[0].verdict
-    return {MET: "higher", NOT_MET: "**lower**"}.get(word, "no clear difference")
+    """Higher / lower / no clear difference: :func:`sign` in words."""
+    return {MET: "higher", NOT_MET: "**lower**"}.get(sign(d), "no clear difference")
 
 
 def per_seed_text(d: PairedDifference) -> str:

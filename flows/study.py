@@ -50,6 +50,7 @@ from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, valid
 from flows.report import fmt, fmt_int, log_report_run, publish_report
 from lora_ops.methods import get_method
 from lora_ops.methods.base import method_class, reference_method
+from lora_ops.stats import ScoreInterval
 from stages.common.io import atomic_path
 from stages.common.params import ConfigError, Params
 from stages.common.paths import Paths
@@ -270,16 +271,18 @@ def targets(s: pd.DataFrame, preds: pd.DataFrame | None = None, draws: int = pai
     return paired.check_targets(s, paired.empty() if preds is None else preds, draws=draws)
 
 
-def _interval_text(chosen: pd.DataFrame, task: str, label: str, metric: str, draws: int) -> str:
-    ci = paired.interval(chosen, task, label, metric, draws) if not chosen.empty else None
+def _interval_text(ci: ScoreInterval | None) -> str:
     return "–" if ci is None else f"[{ci.low:.2f}, {ci.high:.2f}]"
 
 
 def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | None = None,
-             draws: int = paired.DRAWS) -> str:
-    """The report; ``preds``: the runs' per-example predictions (the paired sections need them)."""
+             draws: int = paired.DRAWS, intervals: dict[tuple[str, str], ScoreInterval] | None = None) -> str:
+    """The report; ``preds``: the runs' per-example predictions (the paired sections need them); ``intervals``:
+    :func:`flows.paired.intervals` when the caller has them already (else computed here)."""
     s = summary(df)
     chosen = paired.selected(df, paired.empty() if preds is None else preds)
+    if intervals is None:
+        intervals = paired.intervals(s, chosen, draws)
     figures = {c: h for c, h in figure_labels(s["method"]).items() if c in s.columns}
     head = ["task", "method", "metric", "dev (mean ± std)", "dev 95 % interval (pt)", "n", "lr", "validation", "stored params (mean ± std)",
             "stored % of LoRA", "stored bytes", "bytes % of LoRA fp32", "trainable % of LoRA", *figures.values(),
@@ -293,7 +296,7 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
         stored = fmt_int(r["stored_mean"]) + (f" ± {fmt_int(r['stored_std'])}" if r["stored_std"] else "")
         lines.append("| " + " | ".join([
             r["task"], r["method"], r["metric"], f"{r['score_mean']:.4f} ± {r['score_std']:.4f}",
-            _interval_text(chosen, str(r["task"]), str(r["method"]), str(r["metric"]), draws), str(r["n"]),
+            _interval_text(intervals.get((str(r["task"]), str(r["method"])))), str(r["n"]),
             f"{r['lr']:.1e}", fmt(r["validation_mean"], 4), stored,
             fmt(100 * r["stored_mean"] / lora_stored[r["task"]] if r["task"] in lora_stored else None),
             fmt_int(r["bytes_mean"]),
@@ -322,18 +325,16 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
     return "\n".join(lines) + "\n"
 
 
-def _yerr(chosen: pd.DataFrame, task: str, label: str, metric: str, score: float, g: pd.DataFrame,
-          draws: int) -> Any:
+def _yerr(ci: ScoreInterval | None, label: str, score: float, g: pd.DataFrame) -> Any:
     """Error bar of one chart point: its 95 % interval where predictions exist, else ± the seeds' std."""
-    ci = paired.interval(chosen, task, label, metric, draws) if not chosen.empty else None
     if ci is not None:
         return [[max(score - ci.low, 0.0)], [max(ci.high - score, 0.0)]]
     std = float(g[g["method"] == label]["score_std"].iloc[0]) * 100
     return std or None
 
 
-def pareto_chart(df: pd.DataFrame, path: Path, preds: pd.DataFrame | None = None, draws: int = paired.DRAWS
-                 ) -> None:
+def pareto_chart(df: pd.DataFrame, path: Path, preds: pd.DataFrame | None = None, draws: int = paired.DRAWS,
+                 intervals: dict[tuple[str, str], ScoreInterval] | None = None) -> None:
     """Dev metric against what is stored, one panel per task, one point per study row (error bars: std over
     seeds; with ``preds``, the selected runs' per-example predictions, the 95 % hierarchical-bootstrap interval
     of the mean instead). With stored bytes in the rows (the compress stage's), the x axis is bytes on a log scale and the
@@ -342,6 +343,8 @@ def pareto_chart(df: pd.DataFrame, path: Path, preds: pd.DataFrame | None = None
     plt = pyplot()
     s = summary(df)
     chosen = paired.selected(df, preds) if preds is not None else paired.empty()
+    if intervals is None:
+        intervals = paired.intervals(s, chosen, draws)
     tasks = list(dict.fromkeys(s["task"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 5.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -349,11 +352,10 @@ def pareto_chart(df: pd.DataFrame, path: Path, preds: pd.DataFrame | None = None
         by_bytes = bool(g["bytes_mean"].notna().any())
         if by_bytes:
             front, envelope, others = frontier.chart_points(s, str(task), parse_variant, reference_method())
-            metric = str(g["metric"].iloc[0])
             for pts, style, colour in ((front, "s", "grey"), (others, "o", None)):
                 for p in pts:
-                    ax.errorbar(p.stored_bytes, p.score, yerr=_yerr(chosen, str(task), p.label, metric, p.score, g,
-                                                                    draws),
+                    ax.errorbar(p.stored_bytes, p.score, yerr=_yerr(intervals.get((str(task), p.label)), p.label,
+                                                                    p.score, g),
                                 fmt=style, capsize=3, color=colour, alpha=0.8)
                     ax.annotate(p.label, (p.stored_bytes, p.score), textcoords="offset points", xytext=(5, 4),
                                 fontsize=6)
@@ -429,6 +431,22 @@ def shown_path(path: str | Path, root: Path) -> str:
 def earlier_predictions(csv: str | Path) -> pd.DataFrame:
     """The predictions file beside an earlier study.csv (empty when that study kept none)."""
     return paired.read(Path(csv).with_name("predictions.parquet"))
+
+
+def write_report(out: Path, df: pd.DataFrame, preds: pd.DataFrame, header: str, command: str,
+                 draws: int = paired.DRAWS) -> tuple[list[Path], str]:
+    """``out``/study.{md,csv}, the chart and the predictions of a study; the files and the markdown. Each row's
+    interval is bootstrapped once, for the table and the chart."""
+    files = [out / "study.md", out / "study.csv", out / "study_pareto.png", out / "predictions.parquet"]
+    intervals = paired.intervals(summary(df), paired.selected(df, preds), draws)
+    report = markdown(df, header, command, preds, draws, intervals)
+    with atomic_path(files[1]) as tmp:
+        df.to_csv(tmp, index=False)
+    paired.write(files[3], preds)
+    with atomic_path(files[0]) as tmp:
+        tmp.write_text(report)
+    pareto_chart(df, files[2], preds, draws, intervals)
+    return files, report
 
 
 @flow(name="lora-sieve-study", log_prints=True)
@@ -537,14 +555,7 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
         header += (f" Rows of {', '.join(kept)} kept from `{shown_path(append, root)}` (columns `git` and "
                    f"`params_hash` of study.csv: the commit and configuration each row ran at); the rows of "
                    f"{', '.join(methods)} ran now.")
-    files = [out / "study.md", out / "study.csv", out / "study_pareto.png", out / "predictions.parquet"]
-    report = markdown(df, header, command or "python -m flows.study ...", preds)
-    with atomic_path(files[1]) as tmp:
-        df.to_csv(tmp, index=False)
-    paired.write(files[3], preds)
-    with atomic_path(files[0]) as tmp:
-        tmp.write_text(report)
-    pareto_chart(df, files[2], preds)
+    files, report = write_report(out, df, preds, header, command or "python -m flows.study ...")
     run_id = log_report_run(root, p0.tracking.experiment, files, df[df["selected"]], kind="study", tags={
                          "study": "true", "methods": ",".join(methods), "seeds": ",".join(map(str, seeds)),
                           "overrides": json.dumps(base, default=str)[:5000]})
@@ -583,16 +594,7 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
     if len(csvs) > 1:
         header += (" Merged from " + ", ".join(f"`{shown_path(c, root)}`" for c in csvs) + " (columns `git` and "
                    "`params_hash` of study.csv: the commit and configuration each row ran at).")
-    out = root / out_dir
-    files = [out / "study.md", out / "study.csv", out / "study_pareto.png", out / "predictions.parquet"]
-    report = markdown(df, header, command, preds, draws)
-    with atomic_path(files[1]) as tmp:
-        df.to_csv(tmp, index=False)
-    paired.write(files[3], preds)
-    with atomic_path(files[0]) as tmp:
-        tmp.write_text(report)
-    pareto_chart(df, files[2], preds, draws)
-    return files
+    return write_report(root / out_dir, df, preds, header, command, draws)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
