@@ -88,33 +88,51 @@ def _pair_runs(method: Sequence[SeedRun], reference: Sequence[SeedRun]) -> list[
     return pairs
 
 
+def _check(draws: int, confidence: float) -> None:
+    if draws < 100:
+        raise ValueError(f"draws must be at least 100, got {draws}")
+    if not 0.5 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0.5, 1), got {confidence}")
+
+
+def _two_level_bootstrap(sizes: Sequence[int], statistic: Callable[[int, np.ndarray], float], draws: int,
+                         seed: int) -> np.ndarray:
+    """``draws`` means of ``statistic(run, examples)`` over a resample of the runs (seeds), each scored on a
+    resample of its own examples (``sizes[run]`` of them)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(draws)
+    for b in range(draws):
+        total = 0.0
+        for i in rng.integers(0, len(sizes), len(sizes)):
+            total += statistic(int(i), rng.integers(0, sizes[i], sizes[i]))
+        out[b] = total / len(sizes)
+    return out
+
+
+def _bounds(out: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(out, [tail, 1 - tail])
+    return float(low), float(high)
+
+
 def paired_difference(method: Sequence[SeedRun], reference: Sequence[SeedRun], metric: MetricFn, *,
                       scale: float = 1.0, draws: int = 2000, confidence: float = 0.95,
                       seed: int = 0) -> PairedDifference:
     """Hierarchical paired bootstrap of ``metric(method) − metric(reference)``, in units of ``scale``
     (100 for points). Deterministic for a given ``seed``."""
-    if draws < 100:
-        raise ValueError(f"draws must be at least 100, got {draws}")
-    if not 0.5 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0.5, 1), got {confidence}")
+    _check(draws, confidence)
     pairs = _pair_runs(method, reference)
     observed = {m.seed: scale * (metric(m.predictions, m.labels) - metric(r.predictions, r.labels))
                 for m, r in pairs}
-    rng = np.random.default_rng(seed)
-    n_seeds = len(pairs)
-    out = np.empty(draws)
-    for b in range(draws):
-        picked = rng.integers(0, n_seeds, n_seeds)
-        total = 0.0
-        for i in picked:
-            m, r = pairs[i]
-            idx = rng.integers(0, m.labels.shape[0], m.labels.shape[0])
-            labels = m.labels[idx]
-            total += metric(m.predictions[idx], labels) - metric(r.predictions[idx], labels)
-        out[b] = scale * total / n_seeds
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(out, [tail, 1 - tail])
-    return PairedDifference(mean=float(np.mean(list(observed.values()))), low=float(low), high=float(high),
+
+    def diff(i: int, idx: np.ndarray) -> float:
+        m, r = pairs[i]
+        labels = m.labels[idx]
+        return metric(m.predictions[idx], labels) - metric(r.predictions[idx], labels)
+
+    out = scale * _two_level_bootstrap([m.labels.shape[0] for m, _ in pairs], diff, draws, seed)
+    low, high = _bounds(out, confidence)
+    return PairedDifference(mean=float(np.mean(list(observed.values()))), low=low, high=high,
                             per_seed=observed, draws=out, confidence=confidence)
 
 
@@ -135,23 +153,14 @@ def score_interval(runs: Sequence[SeedRun], metric: MetricFn, *, scale: float = 
     says how well the mean is known, not how much the seeds spread."""
     if not runs:
         raise ValueError("no runs to score")
-    if draws < 100:
-        raise ValueError(f"draws must be at least 100, got {draws}")
-    if not 0.5 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0.5, 1), got {confidence}")
+    _check(draws, confidence)
     runs = sorted(runs, key=lambda r: r.seed)
-    rng = np.random.default_rng(seed)
-    out = np.empty(draws)
-    for b in range(draws):
-        total = 0.0
-        for i in rng.integers(0, len(runs), len(runs)):
-            idx = rng.integers(0, runs[i].labels.shape[0], runs[i].labels.shape[0])
-            total += metric(runs[i].predictions[idx], runs[i].labels[idx])
-        out[b] = scale * total / len(runs)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(out, [tail, 1 - tail])
+    out = scale * _two_level_bootstrap([r.labels.shape[0] for r in runs],
+                                       lambda i, idx: metric(runs[i].predictions[idx], runs[i].labels[idx]),
+                                       draws, seed)
+    low, high = _bounds(out, confidence)
     mean = scale * float(np.mean([metric(r.predictions, r.labels) for r in runs]))
-    return ScoreInterval(mean=mean, low=float(low), high=float(high), seeds=len(runs))
+    return ScoreInterval(mean=mean, low=low, high=high, seeds=len(runs))
 
 
 @dataclass(frozen=True)
