@@ -13,6 +13,7 @@ by the caller on validation (stages/compress.py), never here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -53,8 +54,6 @@ def recover(base_model: nn.Module, adapter: CompressedAdapter, head_prefixes: Se
 def steps_config(cfg: TrainConfig, steps: int, steps_per_epoch: int, lr: float | None = None) -> TrainConfig:
     """The finetune config turned into a recovery run of ``steps`` optimizer steps: as many epochs as they
     need, no checkpoints or progress bar, the best state by training loss (no evaluation inside)."""
-    from dataclasses import replace
-
     epochs = max(1, -(-steps // max(steps_per_epoch, 1)))
     return replace(cfg, epochs=epochs, max_steps=steps, lr=cfg.lr if lr is None else lr, checkpoint_every=0,
                    progress=False, select_metric="loss", progress_label="recovery")
