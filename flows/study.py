@@ -544,12 +544,8 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
         preds = paired.with_earlier(preds, earlier_predictions(append))
     out = root / out_dir
     p0 = next(iter(checked.values()))
-    header = (f"# Method study\n\nModel `{p0.model.name}`, {p0.data.train_size} training examples "
-              f"(validation {p0.data.validation_size} carved from train), {p0.train.epochs} epochs, batch "
-              f"{p0.train.batch_size}, adapter rank {p0.adapter.rank} on `{p0.adapter.targets}`; seeds {seeds}; "
-              f"lr factors {factors} of each method's recipe lr, chosen on validation with the first seed. "
-              f"Dev metric = the full dev split, never used for a choice. git {commit}, "
-              f"{time.strftime('%Y-%m-%d')}.")
+    header = study_header(base_params(root, base, plan[0][0]), seeds, factors,
+                          list(dict.fromkeys(str(c) for c in df["git"].dropna())))
     if append:
         kept = sorted(set(df["method"]) - {m for _, m in ran})
         header += (f" Rows of {', '.join(kept)} kept from `{shown_path(append, root)}` (columns `git` and "
@@ -562,6 +558,23 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     artifacts = publish_report(root, "study", report, results, rows, run_id)
     print(report)
     return {"rows": rows, "files": [str(f) for f in files], "mlflow_run_id": run_id, "artifacts": artifacts}
+
+
+def base_params(root: Path, overrides: dict[str, Any], task: str | None) -> Params:
+    """The configuration every row of a study shares: params.yaml with the study-wide overrides, without any
+    row's own method settings (a row's label says those)."""
+    return validate_overrides(root, {**overrides, **({"task.name": task} if task else {})})
+
+
+def study_header(p: Params, seeds: list[int], factors: list[float], commits: list[str]) -> str:
+    """The report's first paragraph: the shared configuration, seeds, lr factors and the commits rows ran at."""
+    shown = ", ".join(c[:12] for c in commits) or "unknown"
+    return (f"# Method study\n\nModel `{p.model.name}`, {p.data.train_size} training examples "
+            f"(validation {p.data.validation_size} carved from train), {p.train.epochs} epochs, batch "
+            f"{p.train.batch_size}; unless a row's label says otherwise, adapter rank {p.adapter.rank} on "
+            f"`{p.adapter.targets}`; seeds {seeds}; lr factors {factors} of each method's recipe lr, chosen on "
+            f"validation with the first seed. Dev metric = the full dev split, never used for a choice. "
+            f"git {shown}, {time.strftime('%Y-%m-%d')}.")
 
 
 def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[dict[str, Any]]:
@@ -579,18 +592,22 @@ def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[
     return out
 
 
-def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int = paired.DRAWS) -> list[Path]:
+def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int = paired.DRAWS,
+            overrides: dict[str, Any] | None = None) -> list[Path]:
     """The report of one or more earlier study.csv files (and the predictions beside each), without running
     anything: e.g. studies run in separate checkouts (one per task) merged into one report, or an older study
-    redrawn by newer report code. The header is the first study's own, with the merge said."""
+    redrawn by newer report code. ``overrides``: the -S settings every row ran with (they are in the header)."""
     frames = [pd.read_csv(c) for c in csvs]
     df = pd.concat(frames, ignore_index=True)
     df = df.reindex(columns=list(dict.fromkeys([*COLUMNS, *df.columns])))
     df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
     preds = paired.combine([earlier_predictions(c) for c in csvs])
-    first_md = Path(csvs[0]).with_name("study.md")
-    header = first_md.read_text().split("\n\nCommand:", 1)[0] if first_md.is_file() else "# Method study"
-    header = header.split(" Rows of ", 1)[0]  # which rows an --append run kept: not true of the merged report
+    # the header is made again from the configuration every row shares (params.yaml with ``overrides``, the
+    # -S settings the studies ran with) and the rows themselves, never copied from an earlier study.md
+    commits = list(dict.fromkeys(str(c) for c in df["git"].dropna()))
+    factors = sorted({float(f) for f in df["lr_factor"]})
+    header = study_header(base_params(root, {**(overrides or {}), "registry.enabled": False}, df["task"].iloc[0]),
+                          sorted({int(s) for s in df["seed"]}), factors, commits)
     if len(csvs) > 1:
         header += (" Merged from " + ", ".join(f"`{shown_path(c, root)}`" for c in csvs) + " (columns `git` and "
                    "`params_hash` of study.csv: the commit and configuration each row ran at).")
@@ -625,7 +642,13 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"error: --report {missing[0]}: no such study.csv", file=sys.stderr)
             return EXIT_BAD_INPUT
-        print("\n".join(str(f) for f in rebuild(args.report, root, args.out, command)))
+        try:
+            overrides = dict(parse_override(s) for s in args.set)
+            files = rebuild(args.report, root, args.out, command, overrides=overrides)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print("\n".join(str(f) for f in files))
         return 0
     pairs = None
     if args.extend_inconclusive:

@@ -9,6 +9,7 @@
 #
 # Then merge the tasks into one report:
 #   python -m flows.study --report reports/compress/cola/study.csv reports/compress/sst2/study.csv \
+#       -S data.validation_size=2000 \
 #       --out reports/compress
 set -u -f
 task=${1:?usage: reports/compress/run.sh TASK}

@@ -9,7 +9,7 @@ from test_study import LABELS, N, _lora_predictions, _run, _shifted
 
 import flows.paired as paired
 from flows import frontier
-from flows.study import COLUMNS, markdown, pareto_chart, parse_variant, rebuild, summary
+from flows.study import COLUMNS, ROOT, markdown, pareto_chart, parse_variant, rebuild, summary
 from lora_ops.methods.base import reference_method
 
 LORA_BYTES = 10_000
@@ -102,11 +102,14 @@ def test_rebuild_merges_studies_and_draws_the_bytes_chart(tmp_path):
         d.mkdir()
         df.assign(task=task).to_csv(d / "study.csv", index=False)
         paired.write(d / "predictions.parquet", preds.assign(task=task))
-        (d / "study.md").write_text(f"# Study of {task} Rows of lora kept from `a.csv`.\n\nCommand: `x`\n")
-    files = rebuild([str(tmp_path / t / "study.csv") for t in ("sst2", "cola")], tmp_path, "merged", "cmd",
-                    draws=200)
+        (d / "study.md").write_text("# An earlier header, adapter rank 4\n\nCommand: `x`\n")  # never copied
+    files = rebuild([str(tmp_path / t / "study.csv") for t in ("sst2", "cola")], ROOT, str(tmp_path / "merged"),
+                    "cmd", draws=200, overrides={"data.validation_size": 123})
     md = files[0].read_text()
-    assert md.startswith("# Study of sst2 Merged from") and "Rows of" not in md
+    # the header is made from params.yaml with the studies' -S settings and the rows, not from a study.md
+    assert md.startswith("# Method study\n\nModel `minilm`") and "rank 4" not in md and "Rows of" not in md
+    assert "(validation 123 carved from train)" in md and "seeds [1, 2, 3]" in md
+    assert "Merged from `study.csv`, `study.csv` (columns `git`" in md  # outside the repo: names only
     assert "| cola | lora+compress | 0.1 KiB |" in md
     assert len(pd.read_csv(files[1])) == 2 * len(df) and len(paired.read(files[3])) == 2 * len(preds)
     assert files[2].read_bytes()[:4] == b"\x89PNG"
