@@ -9,6 +9,7 @@ Data-parallel runs: wrap nothing here; the loop all-reduces adapter gradients it
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from lora_ops.schedules import warmup_linear_decay
 from lora_ops.training import precision as amp
 from lora_ops.training.cls_only import cls_only_last_layer
 from lora_ops.training.controller import Controller
+from lora_ops.training.lm_loss import causal_lm_loss, chunked_loss_unsupported
 
 
 @dataclass
@@ -57,6 +59,10 @@ class TrainConfig:
     #: same loss and gradients to float rounding, ~14 % fewer linear FLOPs on MiniLM. Off by default for now:
     #: like fused_adamw it changes a run's bytes in the last bits; other models ignore it
     cls_only_last_layer: bool = False
+    #: > 0: a causal LM's loss from the decoder's hidden states, output projection and cross-entropy this many
+    #: target rows at a time (lora_ops/training/lm_loss.py): no full logits tensor, no logits for padding;
+    #: the same loss and gradients to float rounding. 0: the model's own ``.loss``
+    lm_loss_chunk: int = 0
 
 
 @dataclass
@@ -176,6 +182,13 @@ def train(
     """Fine-tune the trainable parameters of ``model`` and leave the best state loaded."""
     controller = controller or Controller()
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if cfg.lm_loss_chunk:
+        if loss_fn is not None:
+            raise ValueError("lm_loss_chunk replaces the model's own loss: it cannot be combined with a loss_fn")
+        why = chunked_loss_unsupported(model)
+        if why:
+            raise ValueError(f"lm_loss_chunk: {why}; set it to 0")
+        loss_fn = functools.partial(causal_lm_loss, chunk=cfg.lm_loss_chunk)
     loss_fn = loss_fn or (lambda m, batch: m(**batch).loss)
     amp.check_precision(cfg.precision, device)  # before any work: bf16 on a GPU without it fails here
     precision = amp.resolve_precision(cfg.precision, device)
