@@ -209,6 +209,8 @@ def main() -> None:
     ap.add_argument("--mirror", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--variants", default="b,b16,c,c16", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--quick", action="store_true", help="a tenth of the data, one epoch: a smoke test")
+    ap.add_argument("--wait-policy", default="unset", choices=["unset", "PASSIVE", "ACTIVE"],
+                    help="OMP_WAIT_POLICY for every variant (unset: libgomp's default, what the stages run with)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -216,8 +218,12 @@ def main() -> None:
     if args.child:
         child(args.child, Path(args.mirror), args.threads)
         return
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    # every variant under the same OpenMP wait policy: libgomp's default unless --wait-policy says otherwise
+    # (the stages no longer force PASSIVE: benchmarks/bench_step_overhead.py)
+    env.pop("OMP_WAIT_POLICY", None)
+    if args.wait_policy != "unset":
+        env["OMP_WAIT_POLICY"] = args.wait_policy
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
