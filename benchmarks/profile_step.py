@@ -16,6 +16,12 @@ zero_grad range. *Threading* is measured separately, untraced: the median step a
 
     python benchmarks/profile_step.py                       # fp32 and bf16, 2 threads, prints the tables
     python benchmarks/profile_step.py --trace-dir /tmp/tr   # also the Chrome traces (large)
+    python benchmarks/profile_step.py --model smollm2-135m --batch 4 --seq 256 --steps 4 --warmup 1 \
+        --out benchmarks/results/profile_step_smollm2          # the causal LM (LoRA on all seven roles)
+    ... --model smollm2-135m --lm-loss-chunk 1024            # with the chunked loss (lora_ops/training/lm_loss.py)
+
+For the causal LM the output projection (576 x 49,152, tied to the embeddings) and the loss after it run
+inside a ``lm_head+loss`` range of their own, so the table shows what they cost apart from the decoder.
 
 Writes benchmarks/results/profile_step.md and .json (``--out`` to change).
 """
@@ -33,12 +39,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the stages run with (stages/__init__.py)
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-PHASES = ("forward", "backward", "optimiser")
+PHASES = ("forward", "lm_head+loss", "backward", "optimiser")  # lm_head+loss: inside forward
 GEMM = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
         "aten::mkldnn_linear", "aten::_mkldnn_matmul", "aten::mkldnn_matmul", "mkldnn::", "aten::_weight_int8pack_mm")
 ATTENTION = ("aten::_scaled_dot_product", "aten::_efficient_attention", "aten::_flash_attention")
@@ -52,34 +57,78 @@ def category(name: str) -> str:
     return "elementwise"
 
 
-def build(seq: int, batch: int, rank: int):  # type: ignore[no-untyped-def]
+def build(seq: int, batch: int, rank: int, model_name: str = "minilm"):  # type: ignore[no-untyped-def]
     from common import fixed_batch, minilm
 
     from lora_ops.methods import AdapterConfig, MethodContext, get_method
     from lora_ops.targets import find_targets, freeze_all_but
 
     torch.manual_seed(42)
-    model = minilm()
+    causal = model_name != "minilm"
+    if causal:
+        from transformers import AutoModelForCausalLM
+
+        from stages.common.models import resolve_model
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(model_name).path).float()
+    else:
+        model = minilm()
     method = get_method("lora")
     ctx = MethodContext(adapter=AdapterConfig(rank=rank, alpha=2 * rank), params=method.params_model(), seed=42)
     targets = find_targets(model, "all")
     method.build(model, targets, method.decide([], targets, ctx), ctx)
-    freeze_all_but(model, ["classifier"])
+    freeze_all_but(model, [] if causal else ["classifier"])
+    if causal:
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     data = fixed_batch(batch, seq)
     data["token_type_ids"] = torch.zeros_like(data["input_ids"])
     return model, data
 
 
-def make_step(model, data, precision: str, fused: bool):  # type: ignore[no-untyped-def]
+class _Range:
+    """A profiler range opened and closed from hooks (forward hooks cannot hold a ``with`` block)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.active = name, None
+
+    def enter(self, *_) -> None:  # type: ignore[no-untyped-def]
+        self.active = record_function(self.name)
+        self.active.__enter__()
+
+    def leave(self, *_) -> None:  # type: ignore[no-untyped-def]
+        if self.active is not None:
+            self.active.__exit__(None, None, None)
+            self.active = None
+
+
+def make_step(model, data, precision: str, fused: bool, lm_loss_chunk: int = 0):  # type: ignore[no-untyped-def]
     from lora_ops.training import precision as amp
+    from lora_ops.training.lm_loss import causal_lm_loss, chunked_loss_unsupported
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if fused else torch.optim.AdamW(trainable, lr=1e-4)
     model.train()
 
+    head_range = _Range("lm_head+loss")  # causal LMs: from the output projection to the loss, in forward
+    causal = not chunked_loss_unsupported(model)  # a decoder + plain output projection: a causal LM
+    if causal and not lm_loss_chunk:
+        model.get_output_embeddings().register_forward_pre_hook(head_range.enter)
+        model.register_forward_hook(head_range.leave)  # the model's forward returns after its loss
+
+    def loss_of() -> torch.Tensor:
+        if lm_loss_chunk:  # the decoder runs inside causal_lm_loss: the range starts when it returns
+            decoder_done = model.get_decoder().register_forward_hook(head_range.enter)
+            try:
+                return causal_lm_loss(model, data, lm_loss_chunk)
+            finally:
+                head_range.leave()
+                decoder_done.remove()
+        return model(**data).loss
+
     def step() -> None:
         with record_function("forward"), amp.autocast(precision, "cpu"):
-            loss = model(**data).loss
+            loss = loss_of()
         with record_function("backward"):
             loss.backward()
         with record_function("optimiser"):
@@ -121,6 +170,7 @@ def breakdown(prof, steps: int) -> dict:  # type: ignore[no-untyped-def]
             phase = "backward"
         out[phase][category(e.name)] += e.self_cpu_time_total / 1e3
         ops[e.name] = ops.get(e.name, 0.0) + e.self_cpu_time_total / 1e3
+    out["forward"]["wall"] -= out["lm_head+loss"]["wall"]  # the nested range's time counted once, in its own row
     for p in PHASES:
         row = out[p]
         row["python/autograd"] = max(0.0, row["wall"] - row["gemm"] - row["attention"] - row["elementwise"])
@@ -131,8 +181,8 @@ def breakdown(prof, steps: int) -> dict:  # type: ignore[no-untyped-def]
 
 
 def profile_precision(precision: str, args: argparse.Namespace) -> dict:
-    model, data = build(args.seq, args.batch, args.rank)
-    step = make_step(model, data, precision, args.fused_adamw)
+    model, data = build(args.seq, args.batch, args.rank, args.model)
+    step = make_step(model, data, precision, args.fused_adamw, args.lm_loss_chunk)
     torch.set_num_threads(args.threads)
     for _ in range(args.warmup):
         step()
@@ -155,8 +205,11 @@ def profile_precision(precision: str, args: argparse.Namespace) -> dict:
 def markdown(results: dict[str, dict], args: argparse.Namespace) -> str:
     from common import table
 
-    lines = [f"# Training step profile: MiniLM, LoRA r {args.rank} on all six linear types, batch {args.batch} x "
-             f"{args.seq} tokens, {args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+    what = ("MiniLM, LoRA r {r} on all six linear types" if args.model == "minilm" else
+            f"{args.model}, LoRA r {{r}} on all seven roles, " +
+            (f"chunked loss ({args.lm_loss_chunk} rows)" if args.lm_loss_chunk else "the model's own loss"))
+    lines = [f"# Training step profile: {what.format(r=args.rank)}, batch {args.batch} x "
+             f"{args.seq} tokens, {args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
              f"AdamW {'fused' if args.fused_adamw else 'loop'}, torch {torch.__version__}", ""]
     if args.note:
         lines += [f"**{args.note}**", ""]
@@ -164,7 +217,8 @@ def markdown(results: dict[str, dict], args: argparse.Namespace) -> str:
     for prec, r in results.items():
         lines += [f"## {prec}: {r['step_ms']:.1f} ms per step untraced ({r['step_ms_1_thread']:.1f} ms on 1 thread: "
                   f"{r['thread_speedup']:.2f}x from {r['threads']} threads)", ""]
-        rows = [(p, *(f"{r['phases'][p][c]:.1f}" for c in cats)) for p in PHASES]
+        shown = [p for p in PHASES if p != "lm_head+loss" or r["phases"][p]["wall"] > 0]  # causal LMs only
+        rows = [(p, *(f"{r['phases'][p][c]:.1f}" for c in cats)) for p in shown]
         tot = {c: sum(r["phases"][p][c] for p in PHASES) for c in cats}
         rows.append(("step (traced)", *(f"{tot[c]:.1f}" for c in cats)))
         rows.append(("share of step", *(f"{100 * tot[c] / tot['wall']:.0f} %" for c in cats)))
@@ -186,6 +240,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--fused-adamw", action="store_true")
+    ap.add_argument("--model", default="minilm", choices=["minilm", "smollm2-135m"])
+    ap.add_argument("--lm-loss-chunk", type=int, default=0, help="causal LM: the chunked loss, this many rows")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--note", default="", help="a line printed under the title (e.g. the machine's state)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_step"))
