@@ -17,7 +17,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-reports/compress/$task}
 python=${PYTHON:-.venv/bin/python}
 while read -r spec; do
-  [ -z "$spec" ] && continue
+  case "$spec" in ""|"#"*) continue;; esac
   append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
   echo "=== $(date +%T) $task: $spec"
   "$python" -m flows.study --tasks "$task" --methods "$spec" --seeds 1 2 3 4 5 --lr-factors 1 \
