@@ -95,6 +95,8 @@ def chunked_loss_unsupported(model: nn.Module) -> str:
     if get_decoder is None or get_decoder() is None or type(head) is not nn.Linear:
         return f"{type(model).__name__} has no plain decoder + nn.Linear output projection (an adapted lm_head?)"
     config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{type(model).__name__} is an encoder-decoder (its decoder needs the encoder's outputs)"
     for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
         if getattr(config, key, None) not in (None, 1, 1.0):
             return f"{type(model).__name__} transforms its logits ({key})"
