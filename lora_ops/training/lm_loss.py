@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 
@@ -28,14 +29,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
-                targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
+                targets: torch.Tensor, chunk: int, grad_enabled: bool) -> torch.Tensor:
+        # needs_input_grad says True under no_grad too: the caller's grad mode decides whether any is made
+        need_h = grad_enabled and ctx.needs_input_grad[0]
+        need_w = grad_enabled and ctx.needs_input_grad[1]
+        need_b = grad_enabled and bias is not None and ctx.needs_input_grad[2]
         count = targets.numel()
-        # under autocast: the projection cast once per call (not per chunk), its GEMMs in the autocast dtype;
-        # softmax, loss and gradient sums in float32 at least (float64 stays float64)
+        # under autocast (which casts float32 / 16-bit weights, never float64): the projection cast once per
+        # call (not per chunk), its GEMMs in the autocast dtype; softmax, loss and gradient sums in float32 at
+        # least (float64 stays float64)
         device = hidden.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        autocast = torch.is_autocast_enabled(device) and weight.dtype in (torch.float32, torch.float16,
+                                                                          torch.bfloat16)
+        compute = torch.get_autocast_dtype(device) if autocast else weight.dtype
         acc = torch.promote_types(torch.promote_types(compute, hidden.dtype), torch.float32)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -53,24 +59,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     continue
                 g = torch.exp(logits - lse[:, None])  # the softmax, from the logsumexp already made
                 g[torch.arange(len(t), device=g.device), t] -= 1.0
-                g /= count
+                # 1 / count is applied after the products: (softmax - onehot) / count would underflow in fp16
+                # (~1e-8 for a 49k vocabulary over 2k tokens) before the loss scaler could lift it
                 if need_h:
-                    grad_h[start:start + chunk] = g.to(compute) @ w
+                    grad_h[start:start + chunk] = (g.to(compute) @ w).to(acc) / count
                 if need_w:
                     grad_w += g.t() @ h.to(acc)
                 if need_b:
                     grad_b += g.sum(0)
+        if need_w:
+            grad_w /= count
+        if need_b:
+            grad_b /= count
         ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
         ctx.which = (need_h, need_w, need_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total / count
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) * grad_out if need else None for need in ctx.which]
         grads = [g.to(d) if g is not None else None for g, d in zip(grads, ctx.dtypes)]
-        return grads[0], grads[1], grads[2], None, None
+        return grads[0], grads[1], grads[2], None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -84,7 +96,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          f"{tuple(targets.shape)}")
     if targets.numel() == 0:
         raise ValueError("no target to take the loss over: every label is ignored (-100)")
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, torch.is_grad_enabled())
 
 
 def chunked_loss_unsupported(model: nn.Module) -> str:
@@ -92,7 +104,9 @@ def chunked_loss_unsupported(model: nn.Module) -> str:
     LM whose logits are exactly its output projection of the decoder's last hidden state."""
     get_decoder = getattr(model, "get_decoder", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if get_decoder is None or get_decoder() is None or type(head) is not nn.Linear:
+    decoder = get_decoder() if get_decoder is not None else None
+    # transformers returns the model itself when it finds no decoder attribute: not a decoder to run apart
+    if decoder is None or decoder is model or type(head) is not nn.Linear:
         return f"{type(model).__name__} has no plain decoder + nn.Linear output projection (an adapted lm_head?)"
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):

@@ -80,14 +80,49 @@ def test_same_loss_and_gradients_as_the_models_own_loss() -> None:
     assert own.dtype == torch.float32 and abs(own.item() - ours.item()) < 1e-6 * ours.item()
 
 
-def test_bf16_autocast_matches_the_models_own_loss_to_bf16_rounding() -> None:
+def test_bf16_autocast_projects_in_bf16_and_takes_the_softmax_in_float32() -> None:
     model = build("lora", model=tiny_llama()).model
     batch = _lm_batch()
+    head = model.get_output_embeddings()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         own = model(**batch).loss
         ours = causal_lm_loss(model, batch, chunk=16)
-    # the same bf16 projection and float32 softmax; only the GEMM blocking can differ
-    assert abs(ours.item() - own.item()) < 1e-2 * own.item()
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = batch["labels"][:, 1:].reshape(-1)
+    keep = targets != -100
+    # the reference made by hand: bf16 projection, float32 cross-entropy (what transformers does under autocast)
+    bf16 = F.cross_entropy(F.linear(rows[keep].bfloat16(), head.weight.bfloat16()).float(), targets[keep])
+    fp32 = F.cross_entropy(F.linear(rows[keep].float(), head.weight.float()), targets[keep])
+    assert abs(ours.item() - bf16.item()) <= 1e-6 * bf16.item()
+    assert abs(ours.item() - fp32.item()) > 10 * abs(ours.item() - bf16.item())  # it did not run in fp32
+    assert abs(own.item() - ours.item()) <= 1e-4 * own.item()
+
+
+def test_fp16_gradients_survive_a_large_vocabulary_before_loss_scaling() -> None:
+    # (softmax - onehot) / count is ~1e-9 per logit here, below fp16's smallest subnormal (6e-8): dividing
+    # before the fp16 product would zero most of the hidden states' gradient
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2048, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(8192, 16, generator=gen) * 0.1
+    targets = torch.randint(0, 8192, (2048,), generator=gen)
+    full = F.cross_entropy(F.linear(hidden.double(), weight.double()), targets)
+    (ref,) = torch.autograd.grad(full * 65536.0, hidden)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk=512)
+    (grad,) = torch.autograd.grad(loss * 65536.0, hidden)  # as a GradScaler scales it
+    rel = float((grad.double() - ref).norm() / ref.norm())
+    assert rel < 2e-3, rel
+
+
+def test_no_gradient_work_under_no_grad() -> None:
+    hidden = torch.randn(5, 4, requires_grad=True)
+    weight = torch.randn(7, 4, requires_grad=True)
+    targets = torch.tensor([0, 1, 2, 3, 4])
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, chunk=2)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(hidden, weight), targets).detach())
 
 
 def test_training_with_the_chunked_loss_is_the_same_training() -> None:
@@ -119,6 +154,12 @@ def test_refusals() -> None:
         causal_lm_loss(model, _lm_batch())
     bert = build("lora").model  # a classifier: no decoder, no output projection
     assert chunked_loss_unsupported(bert)
+    adapted_head = tiny_llama()
+    adapted_head.lm_head = torch.nn.Sequential(adapted_head.lm_head)  # e.g. an adapter wrapped around lm_head
+    assert "nn.Linear output projection" in chunked_loss_unsupported(adapted_head)
+    seq2seq = tiny_llama()
+    seq2seq.config.is_encoder_decoder = True
+    assert "encoder-decoder" in chunked_loss_unsupported(seq2seq)
     with pytest.raises(ValueError, match="lm_loss_chunk"):
         train(tiny_llama(), BatchSource(_lm_batch(), batch_size=2), TrainConfig(epochs=1, progress=False,
               lm_loss_chunk=4), loss_fn=lambda m, b: m(**b).loss)
