@@ -50,8 +50,8 @@ def output_error(site, decomposition, rank: int, gram: torch.Tensor) -> tuple[fl
     delta = site.scale * b @ a
     ka, kb = decomposition.factors(rank, site.scale)
     residual = delta - site.scale * kb.double() @ ka.double()
-    # residual = P A with A of full row rank: P = residual Aᵀ (A Aᵀ)⁻¹
-    p = torch.linalg.solve(a @ a.t(), (residual @ a.t()).t()).t()
+    # residual = P A (it lies in A's row space): least squares, so a rank-deficient A (zeroed rows) works too
+    p = torch.linalg.lstsq(a.t(), residual.t()).solution.t()
     full = site.scale * b
     return float(torch.trace(p @ gram @ p.t())), float(torch.trace(full @ gram @ full.t()))
 
@@ -106,7 +106,8 @@ def main() -> None:
             errors[(criterion, "modules")] = sum(1 for r in ranks.values() if r > 0)
         rows.append((str(budget), *(f"{100 * errors[(c, s)]:.2f} %" for s in ("calibration", "validation")
                                     for c in ("svd", "output")),
-                     f"{errors[('output', 'validation')] / errors[('svd', 'validation')]:.3f}",
+                     (f"{errors[('output', 'validation')] / errors[('svd', 'validation')]:.3f}"
+                      if errors[("svd", "validation")] else "-"),
                      f"{errors[('svd', 'modules')]} / {errors[('output', 'modules')]}"))
     print(f"{params.model.name}, {params.task.name}, method {params.method.name}, {len(sites)} pairs, {total} "
           f"components; calibration tokens: the compress stage's sample; validation: "

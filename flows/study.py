@@ -574,7 +574,7 @@ def study_header(p: Params, seeds: list[int], factors: list[float], commits: lis
             f"{p.train.batch_size}; unless a row's label says otherwise, adapter rank {p.adapter.rank} on "
             f"`{p.adapter.targets}`; seeds {seeds}; lr factors {factors} of each method's recipe lr, chosen on "
             f"validation with the first seed. Dev metric = the full dev split, never used for a choice. "
-            f"git {shown}, {time.strftime('%Y-%m-%d')}.")
+            f"Rows ran at git {shown}; drawn {time.strftime('%Y-%m-%d')}.")
 
 
 def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[dict[str, Any]]:
@@ -605,9 +605,11 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
     # the header is made again from the configuration every row shares (params.yaml with ``overrides``, the
     # -S settings the studies ran with) and the rows themselves, never copied from an earlier study.md
     commits = list(dict.fromkeys(str(c) for c in df["git"].dropna()))
-    factors = sorted({float(f) for f in df["lr_factor"]})
+    factors = sorted({float(f) for f in df["lr_factor"].dropna()})
     header = study_header(base_params(root, {**(overrides or {}), "registry.enabled": False}, df["task"].iloc[0]),
-                          sorted({int(s) for s in df["seed"]}), factors, commits)
+                          sorted({int(s) for s in df["seed"].dropna()}), factors, commits)
+    header += (" The configuration above is params.yaml at the time of drawing with the -S settings given to "
+               "`--report`; each row's own is its `params_hash`.")
     if len(csvs) > 1:
         header += (" Merged from " + ", ".join(f"`{shown_path(c, root)}`" for c in csvs) + " (columns `git` and "
                    "`params_hash` of study.csv: the commit and configuration each row ran at).")
