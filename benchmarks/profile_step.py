@@ -229,6 +229,11 @@ def markdown(results: dict[str, dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _relative(path: str) -> str:
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else resolved.name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
@@ -251,7 +256,8 @@ def main() -> None:
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".md").write_text(text)
-    Path(args.out + ".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
+    shown = {**vars(args), "out": _relative(args.out)}  # no machine paths in committed results
+    Path(args.out + ".json").write_text(json.dumps({"args": shown, "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
