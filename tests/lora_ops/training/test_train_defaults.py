@@ -11,12 +11,21 @@ from lora_ops.training import TrainConfig
 from stages.common.context import SHARED_TRAIN_FIELDS, train_config
 from stages.common.params import TrainParams, load_params
 
+#: where the pipeline deliberately differs from the library: select_metric is resolved per task by the stages;
+#: precision is the machine's fastest exact-enough choice in the pipeline, fp32 (the same bytes on every
+#: machine) for a library caller
+PIPELINE_OWN = {"select_metric", "precision"}
+
 
 def test_schema_defaults_are_the_loops():
     loop, schema = TrainConfig(), TrainParams()
     differing = {f: (getattr(schema, f), getattr(loop, f)) for f in SHARED_TRAIN_FIELDS
-                 if f != "select_metric" and getattr(schema, f) != getattr(loop, f)}
+                 if f not in PIPELINE_OWN and getattr(schema, f) != getattr(loop, f)}
     assert not differing
+
+
+def test_pipeline_trains_in_the_machines_precision_and_the_library_in_fp32():
+    assert (TrainParams().precision, TrainConfig().precision) == ("auto", "fp32")
 
 
 def test_params_yaml_states_the_defaults():
