@@ -9,8 +9,9 @@
 #
 # Then merge the tasks into one report:
 #   python -m flows.study --report reports/compress/cola/study.csv reports/compress/sst2/study.csv \
-#       -S data.validation_size=2000 \
-#       --out reports/compress
+#       -S data.validation_size=2000 -S train.precision=fp32 --out reports/compress
+#
+# The study trains in fp32 (the default when it ran; `train.precision: auto` since): its bf16 rows say so.
 set -u -f
 task=${1:?usage: reports/compress/run.sh TASK}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -21,6 +22,6 @@ while read -r spec; do
   append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
   echo "=== $(date +%T) $task: $spec"
   "$python" -m flows.study --tasks "$task" --methods "$spec" --seeds 1 2 3 4 5 --lr-factors 1 \
-      -S data.validation_size=2000 --out "$out" "${append[@]}" || echo "=== $spec failed (rc $?)"
+      -S data.validation_size=2000 -S train.precision=fp32 --out "$out" "${append[@]}" || echo "=== $spec failed (rc $?)"
   git checkout -q params.yaml  # the flows leave the last run's overrides in the workspace
 done < "$here/specs.txt"
