@@ -198,13 +198,17 @@ def _holm(p_values: list[float], alpha: float) -> tuple[list[bool], list[float]]
 
 
 def verdicts(targets: Sequence[Target], alpha: float = 0.05) -> list[Verdict]:
-    """Met / not met / inconclusive for each target, Holm-corrected across all of them at ``alpha``."""
+    """Met / not met / inconclusive for each target, Holm-corrected across all of them.
+
+    Each direction is tested one-sided at ``alpha / 2``, so that before correction a target is met (not
+    met) exactly when the reported two-sided ``1 - alpha`` interval lies wholly above (below) its
+    threshold: a verdict never contradicts the interval printed beside it."""
     if not targets:
         return []
     p_met = [t.difference.p_value_above(t.threshold) for t in targets]
     p_not = [t.difference.p_value_below(t.threshold) for t in targets]
-    met, levels_met = _holm(p_met, alpha)
-    not_met, levels_not = _holm(p_not, alpha)
+    met, levels_met = _holm(p_met, alpha / 2)
+    not_met, levels_not = _holm(p_not, alpha / 2)
     out = []
     for i, t in enumerate(targets):
         word = MET if met[i] else NOT_MET if not_met[i] else INCONCLUSIVE

@@ -92,13 +92,34 @@ def _with_p(p: float) -> PairedDifference:
 
 
 def test_holm_step_down():
-    all_pass = verdicts([Target(str(p), _with_p(p), 0.0) for p in (0.01, 0.02, 0.04)])
+    # each direction one-sided at alpha / 2 = 0.025, Holm over the targets: levels 0.025/3, 0.025/2, 0.025
+    all_pass = verdicts([Target(str(p), _with_p(p), 0.0) for p in (0.005, 0.01, 0.02)])
     assert [v.verdict for v in all_pass] == [MET, MET, MET]
-    assert [v.level_met for v in all_pass] == pytest.approx([0.05 / 3, 0.05 / 2, 0.05])
-    # 0.03 fails its level 0.025, so 0.04 is not tested at 0.05: step-down stops (uncorrected, both pass)
-    stopped = verdicts([Target(str(p), _with_p(p), 0.0) for p in (0.01, 0.03, 0.04)])
+    assert [v.level_met for v in all_pass] == pytest.approx([0.025 / 3, 0.025 / 2, 0.025])
+    # 0.015 fails its level 0.0125, so 0.02 is not tested at 0.025: step-down stops (uncorrected, both pass)
+    stopped = verdicts([Target(str(p), _with_p(p), 0.0) for p in (0.005, 0.015, 0.02)])
     assert [v.verdict for v in stopped] == [MET, INCONCLUSIVE, INCONCLUSIVE]
-    assert verdicts([Target("alone", _with_p(0.04), 0.0)])[0].verdict == MET
+    assert verdicts([Target("alone", _with_p(0.02), 0.0)])[0].verdict == MET
+
+
+@pytest.mark.parametrize("p", [0.03, 0.04, 0.05])
+def test_a_verdict_never_contradicts_the_95_percent_interval(p):
+    """One-sided p between 0.025 and 0.05: the 95 % interval holds the threshold, so neither met nor not
+    met, even alone (a one-sided 5 % test would call it met while the printed interval crosses 0)."""
+    d = _with_p(p)
+    assert d.p_value_above(0.0) == pytest.approx(p)
+    assert np.quantile(d.draws, 0.025) <= 0.0  # the interval a report prints beside the verdict holds 0
+    assert verdicts([Target("alone", d, 0.0)])[0].verdict == INCONCLUSIVE
+
+
+def test_verdicts_agree_with_the_printed_interval_on_bootstrapped_data():
+    labels = np.random.default_rng(4).integers(0, 2, 500)
+    ref = _runs([0.80, 0.80, 0.80, 0.80, 0.80], n=500, labels=labels)
+    for shares in ([0.81, 0.80, 0.82, 0.80, 0.81], [0.83, 0.79, 0.84, 0.80, 0.82], [0.78, 0.79, 0.80, 0.78, 0.79]):
+        d = paired_difference(_runs(shares, n=500, labels=labels), ref, ACC, scale=100, draws=800)
+        word = verdicts([Target("gain", d, 0.0)])[0].verdict
+        expected = MET if d.low > 0 else NOT_MET if d.high < 0 else INCONCLUSIVE
+        assert word == expected, (shares, d.low, d.high, word)
 
 
 def test_pairing_needs_the_same_seeds_and_examples():
