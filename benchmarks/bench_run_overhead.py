@@ -32,15 +32,11 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages.common.params import set_dotted  # noqa: E402
+
 STAGE_LINE = re.compile(r"(Running stage|Stage) '([^']+)'")
-
-
-def set_dotted(tree: dict, key: str, raw: str) -> None:
-    node = tree
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = yaml.safe_load(raw)
 
 
 def timed_repro(clone: Path, env: dict[str, str], log: Path) -> tuple[float, list[tuple[str, float, bool]]]:
@@ -95,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             params_file = clone / "params.yaml"
             tree = yaml.safe_load(params_file.read_text())
             for key, raw in overrides:
-                set_dotted(tree, key, raw)
+                set_dotted(tree, key, yaml.safe_load(raw))
             params_file.write_text(yaml.safe_dump(tree, sort_keys=False))
         wall, stages = timed_repro(clone, env, clone / "bench-repro.log")
         summary = json.loads((clone / "data/finetune/summary.json").read_text())

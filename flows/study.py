@@ -571,8 +571,8 @@ def study_header(p: Params, seeds: list[int], factors: list[float], commits: lis
     shown = ", ".join(c[:12] for c in commits) or "unknown"
     return (f"# Method study\n\nModel `{p.model.name}`, {p.data.train_size} training examples "
             f"(validation {p.data.validation_size} carved from train), {p.train.epochs} epochs, batch "
-            f"{p.train.batch_size}, train precision {p.train.precision}; unless a row's label says otherwise, adapter rank {p.adapter.rank} on "
-            f"`{p.adapter.targets}`; seeds {seeds}; lr factors {factors} of each method's recipe lr, chosen on "
+            f"{p.train.batch_size}, train precision {p.train.precision}; unless a row's label says otherwise, "
+            f"adapter rank {p.adapter.rank} on `{p.adapter.targets}`; seeds {seeds}; lr factors {factors} of each method's recipe lr, chosen on "
             f"validation with the first seed. Dev metric = the full dev split, never used for a choice. "
             f"Rows ran at git {shown}; drawn {time.strftime('%Y-%m-%d')}.")
 
