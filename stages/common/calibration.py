@@ -28,7 +28,7 @@ def calibration_sample(params: Params, tokenizer: Any) -> tuple[BatchSource, int
     """The calibration sample as batches of ``train.batch_size`` (seeded order) and its size, batched as
     the run's own training is (``train.group_by_length``, ``train.pad_to_multiple_of``): a probe that
     trains on it (LoRA-drop) then costs per step what fine-tuning does, not the price of padding every
-    batch to its longest random example (2.4x the step time on SST-2)."""
+    batch to its longest random example (2.2x the step time on SST-2)."""
     features, n = calibration_features(params, tokenizer)
     return BatchSource(features, params.train.batch_size, seed=params.seed,
                        group_by_length=params.train.group_by_length,
