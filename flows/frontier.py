@@ -18,6 +18,7 @@ number of components.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,72 @@ def section(placements: Sequence[Placement]) -> list[str]:
             f"{100 * p.stored_bytes / p.matched.stored_bytes:.1f} %")
         lines.append(f"| {p.task} | {p.label} | {_kb(p.stored_bytes)} | {size[0]} | {size[1]} | {p.verdict} | "
                      f"{' | '.join(match)} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------- where capacity matters
+@dataclass(frozen=True)
+class Capacity:
+    """One task's rank sweep of the reference method, uncompressed: every rank against the largest one, and the
+    headline gap ``largest − smallest`` that says whether adapter capacity matters on the task at all."""
+
+    task: str
+    metric: str
+    ranks: tuple[Point, ...]  # by stored bytes, smallest first
+    against_largest: tuple[PairedDifference | None, ...]  # rank − largest, per rank (None for the largest)
+    gap: PairedDifference | None  # largest − smallest
+
+    @property
+    def verdict(self) -> str:
+        if self.gap is None:
+            return "no paired predictions"
+        return {MET: "**rank matters**", NOT_MET: "smaller rank is better"}.get(paired.sign(self.gap),
+                                                                               "no clear effect")
+
+    @property
+    def enough(self) -> Point | None:
+        """The smallest rank whose dev stays within :data:`MARGIN` of the largest (interval's lower end)."""
+        for p, d in zip(self.ranks, self.against_largest, strict=True):
+            if d is None or d.low >= -MARGIN:
+                return p
+        return None
+
+
+def capacity(s: pd.DataFrame, preds: pd.DataFrame, parse: Parser, reference: str | None,
+             draws: int = paired.DRAWS) -> list[Capacity]:
+    """The rank sweep of every task with at least two uncompressed ranks of the reference method, tasks with the
+    largest gap first (the study's main tasks are those where rank matters)."""
+    out: list[Capacity] = []
+    for task in dict.fromkeys(s["task"]):
+        metric = str(s[s["task"] == task]["metric"].iloc[0])
+        ranks = sorted((p for p in _points(s, str(task), parse) if is_frontier(p.label, parse, reference)
+                        and p.settings.get("compress.bits") == "none"), key=lambda p: p.stored_bytes)
+        if len(ranks) < 2:
+            continue
+        largest = ranks[-1]
+        against = tuple(None if p is largest else paired.difference(preds, str(task), p.label, largest.label,
+                                                                     metric, draws) for p in ranks)
+        gap = paired.difference(preds, str(task), largest.label, ranks[0].label, metric, draws)
+        out.append(Capacity(str(task), metric, tuple(ranks), against, gap))
+    return sorted(out, key=lambda c: -(c.gap.mean if c.gap is not None else -math.inf))
+
+
+def capacity_section(sweeps: Sequence[Capacity]) -> list[str]:
+    if not sweeps:
+        return []
+    lines = ["", "## Where adapter capacity matters", "",
+             "Plain LoRA at each rank, stored as trained. *Gap*: the largest rank minus the smallest, paired by seed "
+             "(**rank matters** when its 95 % interval lies above 0). *Enough*: the smallest rank whose dev stays "
+             f"within {MARGIN} point of the largest (interval's lower end ≥ −{MARGIN}). Tasks with the largest gap "
+             "first: only where rank matters can a study separate methods that allocate rank.", "",
+             "| task | metric | gap: largest − smallest (pt) | verdict | enough | every rank − largest (pt) |",
+             "|---|---|---|---|---|---|"]
+    for c in sweeps:
+        gap = format_interval(c.gap) if c.gap is not None else "–"
+        each = "; ".join(f"{p.label} {p.score:.2f}" + (f": {format_interval(d)}" if d is not None else "")
+                         for p, d in zip(c.ranks, c.against_largest, strict=True))
+        enough = c.enough.label if c.enough is not None else "–"
+        lines.append(f"| {c.task} | {c.metric} | {gap} | {c.verdict} | {enough} | {each} |")
     return lines
 
 

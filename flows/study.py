@@ -320,6 +320,7 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
         lines += [f"| {a} | {b} | {c} | {d} | {e} | {f} |" for a, b, c, d, e, f in peers]
     lines += paired.section(paired.comparisons(s, chosen, draws), draws)
     lines += paired.targets_section(targets(s, chosen, draws))
+    lines += frontier.capacity_section(frontier.capacity(s, chosen, parse_variant, reference_method(), draws))
     lines += frontier.section(frontier.place(s, chosen, parse_variant, reference_method(), draws))
     lines += frontier.targets_section(frontier.compress_targets(s, chosen, parse_variant, reference_method(), draws))
     return "\n".join(lines) + "\n"
