@@ -90,7 +90,8 @@ def test_closed_gates_counts_rank_and_bit_levels():
                        {"rank": 8, "max_rank": 8, "bits_A": 32, "bits_B": 2}]}
     # 2 rank gates + 8-bit (2 levels below 32) + 2-bit (4 levels)
     figures = get_method("blora").report_figures(ctl, BLoRAParams(bits=[2, 4, 8, 16, 32]))
-    assert figures == {"gates_closed": 2 + 2 + 4}
+    assert figures == {"rank_gates_closed": 2, "bit_levels_dropped": 2 + 4, "gates_closed": 2 + 2 + 4}
+    assert get_method("blora").report_figures(None, BLoRAParams()) == {"gates_closed": None}
     assert get_method("lora").report_figures(ctl, get_method("lora").params_model()) == {}
 
 
