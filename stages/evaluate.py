@@ -1,5 +1,9 @@
 """evaluate: task metric of the merged model (loaded with stock transformers), unmerged-vs-merged
-output difference, adapter parameters (and ratio to plain LoRA), latency; metrics.json and plots."""
+output difference, adapter parameters (and ratio to plain LoRA), latency; metrics.json and plots.
+
+A method whose artifact is its own layers as trained (``Method.scored_unmerged_reason``: B-LoRA's
+fake-quantised layers) is scored unmerged instead, with the float merge's metrics beside it
+(``float_merge_*``); ``scored_model`` in metrics.json says which was scored."""
 
 from __future__ import annotations
 
@@ -153,14 +157,24 @@ def main() -> None:
         validation = tokenize(read_parquet(Paths.validation), task, tok, params.model.max_length)
         # dev is the reported split; validation (carved from train) is what selected the epoch
         logits = predict(merged, dev, bs, device)
-        metrics = {f"dev_{k}": v for k, v in task_metrics(task, logits, dev["labels"]).items()}
         val_logits = predict(merged, validation, bs, device)
+        metrics: dict = {"scored_model": "merged"}
+        reason = adapted.method.scored_unmerged_reason if product.compressed is None else ""
+        if reason:  # the method's own layers are its artifact: they are scored, the float merge is shown beside
+            metrics.update({f"float_merge_dev_{k}": v for k, v in task_metrics(task, logits, dev["labels"]).items()})
+            metrics.update({f"float_merge_validation_{k}": v
+                            for k, v in task_metrics(task, val_logits, validation["labels"]).items()})
+            logits = predict(adapted.model, dev, bs, device)
+            val_logits = predict(adapted.model, validation, bs, device)
+            metrics["scored_model"] = f"unmerged: {reason}"
+        metrics.update({f"dev_{k}": v for k, v in task_metrics(task, logits, dev["labels"]).items()})
         metrics.update({f"validation_{k}": v for k, v in task_metrics(task, val_logits, validation["labels"]).items()})
         train_labels = torch.tensor(read_parquet(Paths.train)["label"].to_numpy())
         metrics.update(trivial_baseline(task, logits, train_labels, dev["labels"]))
         sample = {k: v[:DIFF_EXAMPLES] for k, v in dev.items()}
         unmerged_logits = predict(adapted.model, sample, bs, device)
-        metrics["max_abs_diff_unmerged_vs_merged"] = (unmerged_logits - logits[:DIFF_EXAMPLES]).abs().max().item()
+        merged_logits = predict(merged, sample, bs, device) if reason else logits[:DIFF_EXAMPLES]
+        metrics["max_abs_diff_unmerged_vs_merged"] = (unmerged_logits - merged_logits).abs().max().item()
         metrics["latency_merged_ms"] = 1000 * latency_per_batch(merged, dev, bs, params.evaluate.latency_batches,
                                                                 device)
         metrics["latency_unmerged_ms"] = 1000 * latency_per_batch(adapted.model, dev, bs,

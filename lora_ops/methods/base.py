@@ -127,6 +127,9 @@ class Method(Generic[P]):
     #: why the compress stage passes this method's trained adapter through unchanged ("" = it compresses
     #: it: every adapter layer has a LoRA form ``as_lora()`` whose trimmed, quantised pair is the product)
     compress_skip_reason: ClassVar[str] = ""
+    #: why the evaluate stage reports this method's unmerged model, its own layers as trained, instead of the
+    #: float merge ("" = the merge is what is stored and scored). The float merge is then reported beside it.
+    scored_unmerged_reason: ClassVar[str] = ""
     #: the study's baseline: "% of LoRA" and the other methods' paper targets are measured against it
     reference: ClassVar[bool] = False
     #: a peer baseline (PEFT's own alternatives): the study compares every other method against it

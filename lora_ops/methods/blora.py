@@ -183,6 +183,9 @@ class BLoRA(Method[BLoRAParams]):
     params_model = BLoRAParams
     parameter_groups = ("adapter", "gates", "ranges", "head")  # gates: bit and rank log-alphas
     needs_calibration = True
+    scored_unmerged_reason = ("its artifact is the integer export (data/finetune extras): the fake-quantised "
+                              "layers are what it stores and what its BOPs count, while the float merge drops "
+                              "the quantisers")
     figure_labels = {"bops_ratio_adapter": "adapter BOPs vs 16-bit LoRA",
                      "bops_ratio_total": "base + adapter BOPs vs 16-bit LoRA", "gates_closed": "gates closed",
                      "rank_gates_closed": "rank gates closed", "bit_levels_dropped": "bit levels dropped"}

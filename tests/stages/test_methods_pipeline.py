@@ -8,6 +8,7 @@ import importlib
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from support.helpers import scratch_repo
 
@@ -49,6 +50,23 @@ def test_method_runs_through_every_stage(method, tmp_path, monkeypatch):
         assert metrics["max_abs_diff_unmerged_vs_merged"] < 1e-4
     else:
         assert "float_export_max_abs_diff" in metrics and "bops_ratio_total" in metrics
+    # what is scored is the artifact: blora's quantised layers (the float merge beside them), else the merge
+    scored_unmerged = method == "blora" and not compressed["applied"]
+    assert metrics["scored_model"].startswith("unmerged") == scored_unmerged
+    assert ("float_merge_dev_accuracy" in metrics) == scored_unmerged
+    predictions = pd.read_parquet(repo / "data/evaluate/predictions.parquet")
+    assert (predictions["prediction"] == predictions["label"]).mean() == pytest.approx(metrics["dev_accuracy"])
+
+
+def test_uncompressed_blora_is_scored_on_its_quantised_layers(tmp_path, monkeypatch):
+    """Without the compress stage B-LoRA's artifact is its integer export: evaluate scores the fake-quantised
+    layers (what its BOPs count) and shows the float merge beside them."""
+    overrides = {**TINY, "method.name": "blora", "compress.rank": "none", "compress.bits": "none"}
+    repo, metrics, _ = _run_every_stage(overrides, tmp_path, monkeypatch)
+    assert metrics["scored_model"].startswith("unmerged") and "float_merge_dev_accuracy" in metrics
+    assert metrics["max_abs_diff_unmerged_vs_merged"] > 0  # the quantisers are really in what was scored
+    predictions = pd.read_parquet(repo / "data/evaluate/predictions.parquet")
+    assert (predictions["prediction"] == predictions["label"]).mean() == pytest.approx(metrics["dev_accuracy"])
 
 
 LM_TINY = {"model.name": "smollm2-135m", "task.name": "alpaca", "method.name": "loraprune",
