@@ -30,12 +30,16 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, window: int = 256, window
     model.eval()
     chunks = tokens[: count * window].view(count, window)
     nll, n = 0.0, 0
+    window_nll: list[float] = []  # each window's mean NLL: the unit a bootstrap over windows resamples
     for i in range(0, count, batch_size):
         ids = chunks[i: i + batch_size].to(device)
         logits = model(input_ids=ids).logits.float()
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                           reduction="sum")
+        flat_logits, flat_ids = logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        loss = nn.functional.cross_entropy(flat_logits, flat_ids, reduction="sum")
         nll += loss.item()
         n += ids[:, 1:].numel()
+        per_token = nn.functional.cross_entropy(flat_logits, flat_ids, reduction="none").double()
+        window_nll += per_token.view(ids.shape[0], -1).mean(1).tolist()
     model.train(was_training)
-    return {"ppl": math.exp(nll / n), "nll": nll / n, "window": window, "windows": count, "tokens": n}
+    return {"ppl": math.exp(nll / n), "nll": nll / n, "window": window, "windows": count, "tokens": n,
+            "window_nll": window_nll}

@@ -343,6 +343,12 @@ def test_perplexity_matches_model_loss(tiny_llama):
         loss = tiny_llama(input_ids=ids, labels=ids).loss
     assert res["windows"] == 4 and res["tokens"] == 60
     assert res["ppl"] == pytest.approx(torch.exp(loss).item(), rel=1e-4)
+    # one mean NLL per window (batches of 3 and 1 here), each that window's own loss
+    assert len(res["window_nll"]) == 4
+    with torch.no_grad():
+        last = tiny_llama(input_ids=ids[3:], labels=ids[3:]).loss.item()
+    assert res["window_nll"][3] == pytest.approx(last, rel=1e-5)
+    assert sum(res["window_nll"]) / 4 == pytest.approx(res["nll"], rel=1e-5)
     with pytest.raises(ValueError, match="windows"):
         perplexity(tiny_llama, tokens, window=16, windows=5)
 
