@@ -2,6 +2,11 @@
 
     PYTHONPATH=$PWD python benchmarks/bench_loraprune.py            # full run (200 steps: ~1 h on 2 cores)
     BENCH_STEPS=16 BENCH_PRUNE_EVERY=2 BENCH_WINDOWS=4 PYTHONPATH=$PWD python benchmarks/bench_loraprune.py  # smoke
+    PYTHONPATH=$PWD python benchmarks/bench_loraprune.py --seeds 1 2 3   # seeded, paired, resumable (below)
+
+The seeded protocol (``--seeds``): every criterion at every seed, lr 1e-3, 20 windows, PTB validation (the
+official code's split), results kept per run in ``results/loraprune_seeds.json`` (a killed run resumes), and
+perplexity ratios with 95 % intervals paired by seed and window in ``results/loraprune_seeds.md``.
 
 Protocol (pinned, printed with the results): target ratio 0.5 on prunable layers (first 10 % and
 the last layer exempt, official default), kv_group GQA mode, LoRA r=8 alpha=16 on all 7 roles,
@@ -109,10 +114,15 @@ def alpaca_features(tok, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def eval_tokens(tok) -> dict[str, torch.Tensor]:
-    need = WINDOW * WINDOWS
+#: the evaluation texts: WikiText-2 test, and PTB test (this benchmark's first protocol) or validation (the official
+#: LoRAPrune code's, which the seeded protocol uses)
+PTB_FILES = {"test": "ptb.test.txt", "validation": "ptb.valid.txt"}
+
+
+def eval_tokens(tok, windows: int = WINDOWS, ptb_split: str = "test") -> dict[str, torch.Tensor]:
+    need = WINDOW * windows
     out = {}
-    for name, path in (("wikitext2", DATA / "wikitext-2" / "test.txt"), ("ptb", DATA / "ptb" / "ptb.test.txt")):
+    for name, path in (("wikitext2", DATA / "wikitext-2" / "test.txt"), ("ptb", DATA / "ptb" / PTB_FILES[ptb_split])):
         text = path.read_text()
         ids: list[int] = []
         chunk = 0
@@ -123,19 +133,19 @@ def eval_tokens(tok) -> dict[str, torch.Tensor]:
     return out
 
 
-def context(criterion: str) -> tuple:
+def context(criterion: str, seed: int = 0) -> tuple:
     method = get_method("loraprune")
     params = method.params_model(ratio=RATIO, criterion=criterion, prune_every=PRUNE_EVERY)
     ctx = MethodContext(adapter=AdapterConfig(rank=8, alpha=16, dropout=0.05, targets="all"), params=params,
-                        seed=0)
+                        seed=seed)
     return method, ctx
 
 
-def prepare(model, criterion: str):
-    method, ctx = context(criterion)
+def prepare(model, criterion: str, seed: int = 0):
+    method, ctx = context(criterion, seed)
     targets = find_targets(model, "all")
     plan = method.plan_model(model, targets, ctx)  # grid checked here, before any training
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     method.build(model, targets, plan, ctx)
     freeze_all_but(model)
     return method, ctx, plan
@@ -348,9 +358,168 @@ def write_report(results: dict, mem: dict, grid: dict, load_start, load_end, sec
     print("\n".join(lines))
 
 
+# ----------------------------------------------------------------------------- seeded protocol (issue 25)
+SEEDED_CRITERIA = ("magnitude", "grad", "loraprune")
+
+
+def seeded_protocol() -> dict:
+    """What every row of the seeded results must share (a resumed run refuses a file written otherwise)."""
+    return {"ratio": RATIO, "steps": STEPS, "batch": BATCH, "seq": SEQ, "lr": float(os.environ.get("BENCH_LR", 1e-3)),
+            "prune_every": PRUNE_EVERY, "window": WINDOW, "windows": int(os.environ.get("BENCH_WINDOWS", 20)),
+            "ptb_split": os.environ.get("BENCH_PTB_SPLIT", "validation"), "threads": THREADS}
+
+
+def seeded_runs(seeds: list[int], out: Path) -> dict:
+    """Every criterion at every seed (seed = Alpaca sample, data order, LoRA initialisation and dropout; the
+    same for all criteria, so they pair by seed), each row written as soon as it is done: a killed run resumes
+    at the first missing (criterion, seed)."""
+    proto = seeded_protocol()
+    done = json.loads(out.read_text()) if out.is_file() else {"protocol": proto, "runs": {}}
+    if done["protocol"] != proto:
+        print(f"bench_loraprune: {out.name} was written with {done['protocol']}, this run is {proto}; "
+              "move it aside or run with its settings", file=sys.stderr)
+        raise SystemExit(2)
+    torch.set_num_threads(THREADS)
+    tok = tokenizer()
+    toks = eval_tokens(tok, proto["windows"], proto["ptb_split"])
+
+    def save() -> None:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(done, indent=1, default=float) + "\n")
+        tmp.replace(out)
+
+    def ppl_rows(model) -> dict:
+        res = {k: perplexity(model, v, window=WINDOW, windows=proto["windows"], batch_size=4) for k, v in toks.items()}
+        return {k: {"ppl": r["ppl"], "window_nll": r["window_nll"]} for k, r in res.items()}
+
+    if "dense" not in done["runs"]:
+        dense = load_dense()
+        done["runs"]["dense"] = {**ppl_rows(dense), "params": n_params(dense)}
+        save()
+        del dense
+    todo = [(c, s) for s in seeds for c in SEEDED_CRITERIA if f"{c}/{s}" not in done["runs"]]
+    print(f"seeded LoRAPrune benchmark: {len(todo)} of {len(seeds) * len(SEEDED_CRITERIA)} runs to go "
+          f"(~20-25 min each on 2 shared cores)", flush=True)
+    for criterion, seed in todo:
+        t0 = time.time()
+        data = alpaca_features(tok, STEPS * BATCH, seed=seed)
+        model = load_dense()
+        method, ctx, plan = prepare(model, criterion, seed)
+        ctl = method.controller(model, plan, ctx)
+        cfg = TrainConfig(epochs=1, lr=proto["lr"], warmup_ratio=0.05, weight_decay=0.0, progress=False)
+        res = train(model, BatchSource(data, BATCH, shuffle=True, seed=seed), cfg, controller=ctl)
+        with tempfile.TemporaryDirectory() as tmp:
+            method.export_model(model, plan, ctx, tmp)
+            del model
+            pruned = load_pruned_model(tmp)
+        done["runs"][f"{criterion}/{seed}"] = {**ppl_rows(pruned), "params": n_params(pruned),
+                                              "sparsity": ctl.summary()["sparsity"], "grid": plan["grid"]["kinds"],
+                                              "train_s": res.seconds, "total_s": time.time() - t0}
+        save()
+        r = done["runs"][f"{criterion}/{seed}"]
+        print(f"{criterion} seed {seed}: WikiText-2 {r['wikitext2']['ppl']:.1f}, PTB {r['ptb']['ppl']:.1f} "
+              f"({r['total_s'] / 60:.1f} min)", flush=True)
+        del pruned
+    return done
+
+
+def nll_runs(done: dict, criterion: str, corpus: str) -> list:
+    """One SeedRun per seed: its windows' mean NLLs (labels unused: every window is its own unit)."""
+    import numpy as np
+
+    from lora_ops.stats import SeedRun
+
+    out = []
+    for key, r in done["runs"].items():
+        if key.startswith(f"{criterion}/"):
+            nll = np.asarray(r[corpus]["window_nll"], dtype=np.float64)
+            out.append(SeedRun(int(key.split("/")[1]), nll, np.zeros(nll.size, dtype=np.int64)))
+    return out
+
+
+def seeded_report(done: dict, seeds: list[int], out: Path) -> str:
+    """Perplexity ratios paired by seed and window (hierarchical bootstrap: seeds, then windows), the targets
+    Holm-corrected together. ppl_a / ppl_b = exp(mean NLL_a − mean NLL_b): a ratio claim is an NLL difference."""
+    import math
+
+    import numpy as np
+
+    from lora_ops.stats import MET, NOT_MET, Target, paired_difference, verdicts
+
+    proto, runs = done["protocol"], done["runs"]
+    have = {c: sorted(int(k.split("/")[1]) for k in runs if k.startswith(f"{c}/")) for c in SEEDED_CRITERIA}
+    complete = all(have[c] == sorted(seeds) for c in SEEDED_CRITERIA)
+    dense = runs["dense"]
+    ptb = f"PTB {proto['ptb_split']}"
+    lines = ["# LoRAPrune on SmolLM2-135M, seeded" + ("" if complete else " (**partial**: runs still missing)"), "",
+             f"`python benchmarks/bench_loraprune.py --seeds {' '.join(map(str, seeds))}`: target ratio {RATIO} on "
+             f"prunable layers (first 10 % and last exempt), `kv_group` GQA mode, LoRA r 8 on all 7 roles, "
+             f"{proto['steps']} recovery steps of {proto['batch']} x {proto['seq']}-token Alpaca prompts at lr "
+             f"{proto['lr']:g} (the better lr of the ablation), masks every {proto['prune_every']} steps. A seed sets "
+             "the Alpaca sample, its order, the LoRA initialisation and dropout, the same for every criterion. "
+             f"Perplexity on the first {proto['windows']} non-overlapping {proto['window']}-token windows of "
+             f"WikiText-2 test and {ptb} (the official code's split).", "",
+             "| model | seeds | WikiText-2 PPL (mean ± std) | " + ptb + " PPL | params (M) | parameters removed |",
+             "|---|---|---:|---:|---:|---:|",
+             f"| dense | – | {dense['wikitext2']['ppl']:.2f} | {dense['ptb']['ppl']:.2f} | {dense['params'] / 1e6:.1f} | – |"]
+    for c in SEEDED_CRITERIA:
+        rows = [runs[f"{c}/{s}"] for s in have[c]]
+        if not rows:
+            continue
+        wt, pb = (np.array([r[k]["ppl"] for r in rows]) for k in ("wikitext2", "ptb"))
+        sd = (lambda a: f" ± {a.std(ddof=1):.1f}" if a.size > 1 else "")  # noqa: E731
+        removed = 1 - rows[0]["params"] / dense["params"]
+        lines.append(f"| `{c}` | {','.join(map(str, have[c]))} | {wt.mean():.1f}{sd(wt)} | {pb.mean():.1f}{sd(pb)} | "
+                     f"{rows[0]['params'] / 1e6:.1f} | {100 * removed:.1f} % |")
+    grid = next((r["grid"] for k, r in runs.items() if k != "dense"), None)
+    if grid:
+        lines += ["", f"Ratio {RATIO} on the valid grid: {json.dumps(grid)}; with the exempt layers and the "
+                  "unpruned embeddings the whole model loses the share in the last column."]
+
+    def mean_nll(p: np.ndarray, _labels: np.ndarray) -> float:
+        return float(np.mean(p))
+
+    claims = []  # (text, Target, shown ratio function)
+    for corpus, name in (("wikitext2", "WikiText-2"), ("ptb", ptb)):
+        for other, bound, what in (("magnitude", 1.0, "below `magnitude`'s"), ("grad", 1.5, "<= 1.5x `grad`'s")):
+            lp, them = nll_runs(done, "loraprune", corpus), nll_runs(done, other, corpus)
+            if not lp or not {r.seed for r in lp} & {r.seed for r in them}:
+                continue
+            d = paired_difference(them, lp, mean_nll, draws=2000)  # NLL_other − NLL_loraprune
+            claims.append((f"`loraprune` perplexity {what} ({name})", other, d, math.log(1 / bound)))
+    if claims:
+        found = verdicts([Target(text, d, threshold) for text, _, d, threshold in claims])
+        lines += ["", "| target | ratio loraprune / other (95 % interval) | per seed | verdict (Holm) |",
+                  "|---|---|---|---|"]
+        for (text, _, d, _), v in zip(claims, found, strict=True):
+            ratio = f"{math.exp(-d.mean):.2f}x [{math.exp(-d.high):.2f}, {math.exp(-d.low):.2f}]"
+            seeds_text = ", ".join(f"s{s} {math.exp(-x):.2f}x" for s, x in sorted(d.per_seed.items()))
+            word = {MET: "met", NOT_MET: "**not met**"}.get(v.verdict, "inconclusive")
+            lines.append(f"| {text} | {ratio} | {seeds_text} | {word} |")
+        lines += ["", "A ratio is exp of the paired mean-NLL difference (seeds, then windows resampled; 2,000 "
+                  "draws; the interval shown is the uncorrected 95 % one); the verdicts are Holm-corrected over these targets: met "
+                  "only when the corrected test clears the bound, not met when it fails on the other side."]
+    lines += ["", "`grad` is LLM-Pruner's element-wise first-order criterion (|W ⊙ dL/dW|, summed per head / "
+              "channel) on LoRAPrune's iterative schedule. LLM-Pruner's own pipeline (one-shot pruning from a few "
+              "calibration batches, then LoRA recovery) is not run: on this budget the comparison of criteria is "
+              "only fair at the same schedule, and a second schedule would double the ~4 CPU hours."]
+    text = "\n".join(lines) + "\n"
+    out.write_text(text)
+    return text
+
+
+def seeded_main(argv: list[str]) -> None:
+    seeds = [int(s) for s in argv] or [1, 2, 3]
+    results = Path(os.environ.get("BENCH_RESULTS", REPO / "benchmarks" / "results"))
+    done = seeded_runs(seeds, results / "loraprune_seeds.json")
+    print(seeded_report(done, seeds, results / "loraprune_seeds.md"))
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "--memory-probe":
         memory_probe(sys.argv[2], *(int(x) for x in sys.argv[3:4]), *(bool(int(x)) for x in sys.argv[4:5]))
+    elif sys.argv[1:2] == ["--seeds"]:
+        seeded_main(sys.argv[2:])
     elif sys.argv[1:] == ["--memory-sweep"]:
         torch.set_num_threads(THREADS)
         memory_sweep()
