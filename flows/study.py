@@ -202,10 +202,19 @@ def exp_name(task: str, label: str, seed: int, lr: float, stamp: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", f"study-{task}-{label}-s{seed}-lr{lr:g}-{stamp}").strip("-")
 
 
+def sweep_order(seeds: list[int], factors: list[float], sweep_seeds: int) -> tuple[list[tuple[int, float]], list[int]]:
+    """One (task, method)'s runs: the sweep (each factor on each of the first ``sweep_seeds`` seeds, factor by
+    factor) and the seeds left to run at the chosen factor."""
+    return [(s, f) for f in factors for s in seeds[:sweep_seeds]], seeds[sweep_seeds:]
+
+
 def choose_factor(sweep: list[dict[str, Any]]) -> float:
-    """The sweep row with the best validation score; ties go to the factor nearest 1 (the recipe)."""
-    best = max(sweep, key=lambda r: (float(r["validation_score"]), -abs(math.log(r["lr_factor"]))))
-    return float(best["lr_factor"])
+    """The factor with the best mean validation score over the sweep's seeds; ties go to the factor nearest 1
+    (the recipe)."""
+    by_factor: dict[float, list[float]] = {}
+    for r in sweep:
+        by_factor.setdefault(float(r["lr_factor"]), []).append(float(r["validation_score"]))
+    return max(by_factor, key=lambda f: (sum(by_factor[f]) / len(by_factor[f]), -abs(math.log(f))))
 
 
 # ----------------------------------------------------------------------------- report
@@ -304,11 +313,14 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
             fmt(r["pct_of_lora"]),
             *(fmt_figure(r[c]) for c in figures), fmt(r["train_seconds"]),
             fmt(r["peak_rss_mb"], 0)]) + " |")
-    lines += ["", "Learning-rate sweep (first seed; chosen on the validation split, dev shown for reference):", "",
-              "| task | method | lr factor | lr | validation | dev | chosen |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Learning-rate sweep (the seeds that ran every factor; the factor with the best mean validation "
+              "score is chosen, dev shown for reference):", "",
+              "| task | method | seed | lr factor | lr | validation | dev | chosen |", "|---|---|---|---|---|---|---|---|"]
+    factors_run = df.groupby(["task", "method", "seed"], sort=False)["lr_factor"].transform("nunique")
     first = df.groupby(["task", "method"], sort=False)["seed"].transform("first")
-    for _, r in df[df["seed"] == first].iterrows():
-        lines.append(f"| {r['task']} | {r['method']} | {r['lr_factor']:g} | {r['lr']:.1e} | "
+    swept = df.groupby(["task", "method"], sort=False)["lr_factor"].transform("nunique") > 1
+    for _, r in df[(swept & (factors_run > 1)) | (~swept & (df["seed"] == first))].iterrows():
+        lines.append(f"| {r['task']} | {r['method']} | {int(r['seed'])} | {r['lr_factor']:g} | {r['lr']:.1e} | "
                      f"{fmt(r['validation_score'], 4)} | {fmt(r['score'], 4)} | {'yes' if r['selected'] else ''} |")
     peers = peer_rows(s)
     if peers:
@@ -454,7 +466,7 @@ def write_report(out: Path, df: pd.DataFrame, preds: pd.DataFrame, header: str, 
 def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
           lr_factors: list[float] | None = None, overrides: dict[str, Any] | None = None, repo: str = str(ROOT),
           out_dir: str = "reports", retries: int = 2, command: str = "", append: str | None = None,
-          pairs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+          pairs: list[dict[str, Any]] | None = None, sweep_seeds: int = 1) -> dict[str, Any]:
     """Sweep, then seeds, for every (task, method); write ``<out_dir>/study.{md,csv}``, the runs' per-example
     predictions (``predictions.parquet``) and the Pareto chart.
 
@@ -462,8 +474,11 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     are kept, except those of the (task, method) pairs run now; every row carries the git commit it ran at and
     its params hash, so the report says which code and configuration made it. ``pairs``: instead of
     ``tasks`` x ``methods`` x ``seeds``, the pairs to run, each ``{"task", "method", "seeds", "lr_factors"}``
-    (the sequential protocol's extension)."""
+    (the sequential protocol's extension). ``sweep_seeds``: how many of the first seeds run every lr factor; the
+    factor with the best mean validation score over them is chosen (ties: nearest the recipe)."""
     logger = get_run_logger()
+    if sweep_seeds < 1:
+        raise ConfigError(f"sweep_seeds must be >= 1, got {sweep_seeds}")
     root = Path(repo).resolve()
     base = {**(overrides or {}), "registry.enabled": False}  # a study must not move the champion
     if pairs is None:
@@ -497,7 +512,8 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     earlier_csv = Path(append) if append else root / out_dir / "study.csv"
     earlier = pd.read_csv(earlier_csv) if earlier_csv.is_file() else None
     planned = [(checked[(t, m)].task.name, variants[m][0], seed, checked[(t, m)])
-               for t, m, ss, fs in plan for seed in [ss[0]] * len(fs) + ss[1:]]
+               for t, m, ss, fs in plan for seed in [s for s, _ in sweep_order(ss, fs, sweep_seeds)[0]]
+               + sweep_order(ss, fs, sweep_seeds)[1]]
     seconds, how = estimate_seconds(planned, earlier)
     print(f"study: {len(planned)} runs, estimated CPU time at most {seconds / 3600:.2f} h ({how})")
     rows: list[dict[str, Any]] = []
@@ -520,16 +536,17 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
         p0 = checked[(task, spec)]
         label = variants[spec][0]
         base_lr = recipe_lr(p0)
+        sweep_runs, rest = sweep_order(pair_seeds, pair_factors, sweep_seeds)
         sweep = []
-        for f in pair_factors:
-            sweep.append(run(task, spec, pair_seeds[0], f, base_lr))
-            logger.info("%s %s seed %d lr %.2e: validation %.4f, dev %.4f", p0.task.name, label, pair_seeds[0],
+        for seed, f in sweep_runs:
+            sweep.append(run(task, spec, seed, f, base_lr))
+            logger.info("%s %s seed %d lr %.2e: validation %.4f, dev %.4f", p0.task.name, label, seed,
                         sweep[-1]["lr"], sweep[-1]["validation_score"], sweep[-1]["score"])
-        chosen = choose_factor(sweep) if len(sweep) > 1 else pair_factors[0]
+        chosen = choose_factor(sweep) if len(pair_factors) > 1 else pair_factors[0]
         for r in sweep:
             r["selected"] = r["lr_factor"] == chosen
         rows += sweep
-        for seed in pair_seeds[1:]:
+        for seed in rest:
             r = run(task, spec, seed, chosen, base_lr)
             r["selected"] = True
             rows.append(r)
@@ -546,7 +563,7 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     out = root / out_dir
     p0 = next(iter(checked.values()))
     header = study_header(base_params(root, base, plan[0][0]), seeds, factors,
-                          list(dict.fromkeys(str(c) for c in df["git"].dropna())))
+                          list(dict.fromkeys(str(c) for c in df["git"].dropna())), sweep_seeds)
     if append:
         kept = sorted(set(df["method"]) - {m for _, m in ran})
         header += (f" Rows of {', '.join(kept)} kept from `{shown_path(append, root)}` (columns `git` and "
@@ -567,14 +584,14 @@ def base_params(root: Path, overrides: dict[str, Any], task: str | None) -> Para
     return validate_overrides(root, {**overrides, **({"task.name": task} if task else {})})
 
 
-def study_header(p: Params, seeds: list[int], factors: list[float], commits: list[str]) -> str:
+def study_header(p: Params, seeds: list[int], factors: list[float], commits: list[str], sweep_seeds: int = 1) -> str:
     """The report's first paragraph: the shared configuration, seeds, lr factors and the commits rows ran at."""
     shown = ", ".join(c[:12] for c in commits) or "unknown"
     return (f"# Method study\n\nModel `{p.model.name}`, {p.data.train_size} training examples "
             f"(validation {p.data.validation_size} carved from train), {p.train.epochs} epochs, batch "
             f"{p.train.batch_size}, train precision {p.train.precision}; unless a row's label says otherwise, "
             f"adapter rank {p.adapter.rank} on `{p.adapter.targets}`; seeds {seeds}; lr factors {factors} of each method's recipe lr, chosen on "
-            f"validation with the first seed. Dev metric = the full dev split, never used for a choice. "
+            f"validation with {'the first seed' if sweep_seeds == 1 else f'the mean of the first {sweep_seeds} seeds'}. Dev metric = the full dev split, never used for a choice. "
             f"Rows ran at git {shown}; drawn {time.strftime('%Y-%m-%d')}.")
 
 
@@ -623,7 +640,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     ap.add_argument("--tasks", nargs="+")
     ap.add_argument("--lr-factors", nargs="+", type=float, default=[0.5, 1.0, 2.0],
-                    help="multiples of each method's recipe lr tried on the first seed")
+                    help="multiples of each method's recipe lr tried on the first --sweep-seeds seeds")
+    ap.add_argument("--sweep-seeds", type=int, default=1,
+                    help="how many of the first seeds run every lr factor: the factor with the best mean validation "
+                         "score over them is chosen (the study protocol uses 2)")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override for every run, repeatable")
     ap.add_argument("--repo", default=str(ROOT))
@@ -632,8 +652,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the rows of an earlier study.csv (except the methods run now) in the report")
     ap.add_argument("--extend-inconclusive", metavar="STUDY_CSV",
                     help="rerun only the (task, method) pairs of this study's inconclusive targets with more seeds "
-                         f"(5 more, up to {paired.MAX_SEEDS}), keeping its other rows; pass the same -S settings as "
-                         "the study it extends (its earlier seeds then come from DVC's run cache)")
+                         f"(5 more, up to {paired.MAX_SEEDS}), keeping its other rows; pass the same -S settings and "
+                         "--sweep-seeds as the study it extends (its earlier seeds then come from DVC's run cache)")
     ap.add_argument("--report", nargs="+", metavar="STUDY_CSV",
                     help="run nothing: write the report of these study.csv files (merged, with the predictions "
                          "beside each) to --out")
@@ -667,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.methods:
         print("error: --methods is required (or --extend-inconclusive STUDY_CSV)", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.sweep_seeds < 1:
+        print(f"error: --sweep-seeds must be >= 1, got {args.sweep_seeds}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.append and not Path(args.append).is_file():
         print(f"error: --append {args.append}: no such study.csv", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -683,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     result = study(methods=args.methods or [], seeds=args.seeds, tasks=args.tasks, lr_factors=args.lr_factors,
                    overrides=overrides, repo=str(root), out_dir=args.out, command=command,
-                   append=args.append, pairs=pairs)
+                   append=args.append, pairs=pairs, sweep_seeds=args.sweep_seeds)
     print("\n".join(result["files"]))
     return 0
 

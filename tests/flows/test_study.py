@@ -18,6 +18,7 @@ from flows.study import (
     peer_rows,
     shown_path,
     summary,
+    sweep_order,
     targets,
     with_earlier_rows,
 )
@@ -85,6 +86,16 @@ def test_lr_choice_uses_validation_and_prefers_the_recipe_on_ties():
     assert choose_factor(sweep) == 0.5
 
 
+def test_lr_choice_over_several_seeds_uses_their_mean_validation():
+    # seed 1 alone would pick factor 2; the mean over seeds 1 and 2 picks 1
+    sweep = [_row("lora", s, 0.9, 1000, f, validation=v)
+             for s, f, v in ((1, 1.0, 0.84), (2, 1.0, 0.86), (1, 2.0, 0.85), (2, 2.0, 0.80))]
+    assert choose_factor(sweep[::2]) == 2.0 and choose_factor(sweep) == 1.0
+    runs, rest = sweep_order([1, 2, 3, 4, 5], [0.5, 1.0, 2.0], 2)
+    assert runs == [(1, 0.5), (2, 0.5), (1, 1.0), (2, 1.0), (1, 2.0), (2, 2.0)] and rest == [3, 4, 5]
+    assert sweep_order([7, 8], [1.0], 1) == ([(7, 1.0)], [8])
+
+
 def test_closed_gates_counts_rank_and_bit_levels():
     ctl = {"modules": [{"rank": 6, "max_rank": 8, "bits_A": 8, "bits_B": 32},
                        {"rank": 8, "max_rank": 8, "bits_A": 32, "bits_B": 2}]}
@@ -106,7 +117,7 @@ def test_summary_targets_report_and_chart(tmp_path):
     assert verdicts == {"lora_drop": "met", "bone": "not met", "bat": "met", "blora": "inconclusive"}
     md = markdown(df, "# Method study", "python -m flows.study --methods lora", preds, draws=500)
     assert "| sst2 | lora | accuracy | 0.8450 ± 0.0050 | [82.37, 86.54] | 3 |" in md  # seeds, then examples
-    assert "| sst2 | lora | 2 | 2.0e-03 | 0.0000 | 0.0000 |  |" in md  # the sweep row, not chosen
+    assert "| sst2 | lora | 1 | 2 | 2.0e-03 | 0.0000 | 0.0000 |  |" in md  # seed 1's sweep row, not chosen
     assert "## Paired differences" in md
     assert "| sst2 | lora_drop | lora | accuracy | -0.25 | [" in md and "| 3 | s1 -0.25, s2 -0.25, s3 -0.25 |" in md
     assert "| sst2 | bone | lora | accuracy | -4.50 | [" in md and "| **lower** |" in md
