@@ -624,8 +624,11 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
     # -S settings the studies ran with) and the rows themselves, never copied from an earlier study.md
     commits = list(dict.fromkeys(str(c) for c in df["git"].dropna()))
     factors = sorted({float(f) for f in df["lr_factor"].dropna()})
+    factors_per_seed = df.groupby(["task", "method", "seed"])["lr_factor"].nunique()
+    swept = factors_per_seed[factors_per_seed > 1].groupby(level=["task", "method"]).size()
     header = study_header(base_params(root, {**(overrides or {}), "registry.enabled": False}, df["task"].iloc[0]),
-                          sorted({int(s) for s in df["seed"].dropna()}), factors, commits)
+                          sorted({int(s) for s in df["seed"].dropna()}), factors, commits,
+                          int(swept.max()) if len(swept) else 1)
     header += (" The configuration above is params.yaml at the time of drawing with the -S settings given to "
                "`--report`; each row's own is its `params_hash`.")
     if len(csvs) > 1:
