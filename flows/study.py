@@ -611,15 +611,23 @@ def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[
 
 
 def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int = paired.DRAWS,
-            overrides: dict[str, Any] | None = None) -> list[Path]:
+            overrides: dict[str, Any] | None = None, only: list[str] | None = None) -> list[Path]:
     """The report of one or more earlier study.csv files (and the predictions beside each), without running
     anything: e.g. studies run in separate checkouts (one per task) merged into one report, or an older study
-    redrawn by newer report code. ``overrides``: the -S settings every row ran with (they are in the header)."""
+    redrawn by newer report code. ``overrides``: the -S settings every row ran with (they are in the header).
+    ``only``: the study labels to keep (e.g. the rank sweep out of a larger study); every other row is left out."""
     frames = [pd.read_csv(c) for c in csvs]
     df = pd.concat(frames, ignore_index=True)
+    if only is not None:
+        missing = sorted(set(only) - set(df["method"]))
+        if missing:
+            raise ConfigError(f"--methods {missing[0]!r} is in none of the study.csv files given to --report")
+        df = df[df["method"].isin(only)].reset_index(drop=True)
     df = df.reindex(columns=list(dict.fromkeys([*COLUMNS, *df.columns])))
     df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
     preds = paired.combine([earlier_predictions(c) for c in csvs])
+    if only is not None and not preds.empty:
+        preds = preds[preds["method"].isin(only)].reset_index(drop=True)
     # the header is made again from the configuration every row shares (params.yaml with ``overrides``, the
     # -S settings the studies ran with) and the rows themselves, never copied from an earlier study.md
     commits = list(dict.fromkeys(str(c) for c in df["git"].dropna()))
@@ -659,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
                          "--sweep-seeds as the study it extends (its earlier seeds then come from DVC's run cache)")
     ap.add_argument("--report", nargs="+", metavar="STUDY_CSV",
                     help="run nothing: write the report of these study.csv files (merged, with the predictions "
-                         "beside each) to --out")
+                         "beside each) to --out; with --methods, of those rows only")
     args = ap.parse_args(argv)
     root = Path(args.repo).resolve()
     command = "python -m flows.study " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -670,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         try:
             overrides = dict(parse_override(s) for s in args.set)
-            files = rebuild(args.report, root, args.out, command, overrides=overrides)
+            files = rebuild(args.report, root, args.out, command, overrides=overrides, only=args.methods)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -11,6 +11,7 @@ import flows.paired as paired
 from flows import frontier
 from flows.study import COLUMNS, ROOT, markdown, pareto_chart, parse_variant, rebuild, summary
 from lora_ops.methods.base import reference_method
+from stages.common.params import ConfigError
 
 LORA_BYTES = 10_000
 #: label -> (stored bytes, examples changed against rank-8 LoRA per seed: negative = more wrong)
@@ -113,6 +114,14 @@ def test_rebuild_merges_studies_and_draws_the_bytes_chart(tmp_path):
     assert "| cola | lora+compress | 0.1 KiB |" in md
     assert len(pd.read_csv(files[1])) == 2 * len(df) and len(paired.read(files[3])) == 2 * len(preds)
     assert files[2].read_bytes()[:4] == b"\x89PNG"
+    # only some rows (the rank sweep out of a larger study): the others leave the table, CSV and predictions
+    ranks = ["lora", "lora[adapter.rank=1]"]
+    files = rebuild([str(tmp_path / "sst2" / "study.csv")], ROOT, str(tmp_path / "ranks"), "cmd", draws=200,
+                    only=ranks)
+    assert set(pd.read_csv(files[1])["method"]) == set(ranks) and set(paired.read(files[3])["method"]) == set(ranks)
+    assert "## Where adapter capacity matters" in files[0].read_text()
+    with pytest.raises(ConfigError, match="lora_drop"):
+        rebuild([str(tmp_path / "sst2" / "study.csv")], ROOT, str(tmp_path / "x"), "cmd", only=["lora_drop"])
     pareto_chart(df.drop(columns=["stored_bytes"]), tmp_path / "params.png")  # an older study: parameters axis
     assert np.array_equal(LABELS[:4], [0, 1, 0, 1]) and N == 400
 
