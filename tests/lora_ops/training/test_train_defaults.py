@@ -35,7 +35,8 @@ def test_params_yaml_states_the_defaults():
 
 
 def test_train_config_takes_every_shared_field_from_params():
-    params = load_params(REPO / "params.yaml", {"train.epochs": 3, "train.lr": 2e-3, "train.max_steps": 7})
+    params = load_params(REPO / "params.yaml", {"train.epochs": 3, "train.lr": 2e-3, "train.max_steps": 7,
+                                               "train.cls_only_last_layer": True, "train.lm_loss_chunk": 256})
     cfg = dataclasses.asdict(train_config(params))
     assert {f: cfg[f] for f in SHARED_TRAIN_FIELDS - {"select_metric"}} == \
         params.train.model_dump(include=set(SHARED_TRAIN_FIELDS - {"select_metric"}))
