@@ -611,11 +611,12 @@ def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[
 
 
 def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int = paired.DRAWS,
-            overrides: dict[str, Any] | None = None, only: list[str] | None = None) -> list[Path]:
+            overrides: dict[str, Any] | None = None, only: list[str] | None = None, note: str = "") -> list[Path]:
     """The report of one or more earlier study.csv files (and the predictions beside each), without running
     anything: e.g. studies run in separate checkouts (one per task) merged into one report, or an older study
     redrawn by newer report code. ``overrides``: the -S settings every row ran with (they are in the header).
-    ``only``: the study labels to keep (e.g. the rank sweep out of a larger study); every other row is left out."""
+    ``only``: the study labels to keep (e.g. the rank sweep out of a larger study); every other row is left out.
+    ``note``: a sentence for the header where the rows differ from its shared configuration (e.g. per task)."""
     frames = [pd.read_csv(c) for c in csvs]
     df = pd.concat(frames, ignore_index=True)
     if only is not None:
@@ -642,6 +643,8 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
     if len(csvs) > 1:
         header += (" Merged from " + ", ".join(f"`{shown_path(c, root)}`" for c in csvs) + " (columns `git` and "
                    "`params_hash` of study.csv: the commit and configuration each row ran at).")
+    if note:
+        header += " " + note.strip()
     return write_report(root / out_dir, df, preds, header, command, draws)[0]
 
 
@@ -668,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", nargs="+", metavar="STUDY_CSV",
                     help="run nothing: write the report of these study.csv files (merged, with the predictions "
                          "beside each) to --out; with --methods, of those rows only")
+    ap.add_argument("--note", default="", help="with --report: a sentence added to the report's header, where "
+                                              "rows differ from the shared configuration (e.g. per task)")
     args = ap.parse_args(argv)
     root = Path(args.repo).resolve()
     command = "python -m flows.study " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -678,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         try:
             overrides = dict(parse_override(s) for s in args.set)
-            files = rebuild(args.report, root, args.out, command, overrides=overrides, only=args.methods)
+            files = rebuild(args.report, root, args.out, command, overrides=overrides, only=args.methods,
+                            note=args.note)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -117,7 +117,8 @@ def test_rebuild_merges_studies_and_draws_the_bytes_chart(tmp_path):
     # only some rows (the rank sweep out of a larger study): the others leave the table, CSV and predictions
     ranks = ["lora", "lora[adapter.rank=1]"]
     files = rebuild([str(tmp_path / "sst2" / "study.csv")], ROOT, str(tmp_path / "ranks"), "cmd", draws=200,
-                    only=ranks)
+                    only=ranks, note="MRPC and RTE: validation 400.")
+    assert "own is its `params_hash`. MRPC and RTE: validation 400.\n" in files[0].read_text()
     assert set(pd.read_csv(files[1])["method"]) == set(ranks) and set(paired.read(files[3])["method"]) == set(ranks)
     assert "## Where adapter capacity matters" in files[0].read_text()
     with pytest.raises(ConfigError, match="lora_drop"):
