@@ -170,9 +170,18 @@ class Capacity:
 
     @property
     def enough(self) -> Point | None:
-        """The smallest rank whose dev stays within :data:`MARGIN` of the largest (interval's lower end)."""
+        """The smallest rank shown to stay within :data:`MARGIN` of the largest (interval's lower end)."""
         for p, d in zip(self.ranks, self.against_largest, strict=True):
             if d is None or d.low >= -MARGIN:
+                return p
+        return None
+
+    @property
+    def not_worse(self) -> Point | None:
+        """The smallest rank not shown to be worse than the largest (interval's upper end >= 0): weaker evidence
+        than :attr:`enough`, which seed noise often leaves at the largest rank."""
+        for p, d in zip(self.ranks, self.against_largest, strict=True):
+            if d is None or d.high >= 0:
                 return p
         return None
 
@@ -201,17 +210,20 @@ def capacity_section(sweeps: Sequence[Capacity]) -> list[str]:
         return []
     lines = ["", "## Where adapter capacity matters", "",
              "Plain LoRA at each rank, stored as trained. *Gap*: the largest rank minus the smallest, paired by seed "
-             "(**rank matters** when its 95 % interval lies above 0). *Enough*: the smallest rank whose dev stays "
-             f"within {MARGIN} point of the largest (interval's lower end ≥ −{MARGIN}). Tasks with the largest gap "
-             "first: only where rank matters can a study separate methods that allocate rank.", "",
-             "| task | metric | gap: largest − smallest (pt) | verdict | enough | every rank − largest (pt) |",
-             "|---|---|---|---|---|---|"]
+             "(**rank matters** when its 95 % interval lies above 0). *Not worse*: the smallest rank whose interval "
+             "against the largest reaches 0 (not shown worse). *Shown enough*: the smallest rank whose dev is shown "
+             f"within {MARGIN} point of the largest (interval's lower end ≥ −{MARGIN}); seed noise often leaves it at "
+             "the largest rank. Tasks with the largest gap first: only where rank matters can a study separate "
+             "methods that allocate rank.", "",
+             "| task | metric | gap: largest − smallest (pt) | verdict | not worse | shown enough | every rank − largest "
+             "(pt) |", "|---|---|---|---|---|---|---|"]
     for c in sweeps:
         gap = format_interval(c.gap) if c.gap is not None else "–"
         each = "; ".join(f"{p.label} {p.score:.2f}" + (f": {format_interval(d)}" if d is not None else "")
                          for p, d in zip(c.ranks, c.against_largest, strict=True))
         enough = c.enough.label if c.enough is not None else "–"
-        lines.append(f"| {c.task} | {c.metric} | {gap} | {c.verdict} | {enough} | {each} |")
+        not_worse = c.not_worse.label if c.not_worse is not None else "–"
+        lines.append(f"| {c.task} | {c.metric} | {gap} | {c.verdict} | {not_worse} | {enough} | {each} |")
     return lines
 
 
