@@ -238,7 +238,11 @@ def task_metric(name: str) -> MetricFn:
         raise ValueError(f"unknown metric {name!r}; known: {sorted(METRIC_FUNCTIONS)}")
     fn = METRIC_FUNCTIONS[name]
 
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        a = np.ascontiguousarray(a)
+        return torch.from_numpy(a if a.flags.writeable else a.copy())  # arrays read from parquet are read-only
+
     def metric(predictions: np.ndarray, labels: np.ndarray) -> float:
-        return fn(torch.from_numpy(np.ascontiguousarray(predictions)), torch.from_numpy(np.ascontiguousarray(labels)))
+        return fn(tensor(predictions), tensor(labels))
 
     return metric
