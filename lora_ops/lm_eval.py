@@ -34,12 +34,11 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, window: int = 256, window
     for i in range(0, count, batch_size):
         ids = chunks[i: i + batch_size].to(device)
         logits = model(input_ids=ids).logits.float()
-        flat_logits, flat_ids = logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
-        loss = nn.functional.cross_entropy(flat_logits, flat_ids, reduction="sum")
-        nll += loss.item()
-        n += ids[:, 1:].numel()
-        per_token = nn.functional.cross_entropy(flat_logits, flat_ids, reduction="none").double()
-        window_nll += per_token.view(ids.shape[0], -1).mean(1).tolist()
+        per_token = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                reduction="none").double().view(ids.shape[0], -1)
+        nll += per_token.sum().item()
+        n += per_token.numel()
+        window_nll += per_token.mean(1).tolist()
     model.train(was_training)
     return {"ppl": math.exp(nll / n), "nll": nll / n, "window": window, "windows": count, "tokens": n,
             "window_nll": window_nll}
