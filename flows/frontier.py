@@ -168,22 +168,21 @@ class Capacity:
         return {MET: "**rank matters**", NOT_MET: "smaller rank is better"}.get(paired.sign(self.gap),
                                                                                "no clear effect")
 
+    def _smallest(self, holds: Callable[[PairedDifference], bool]) -> Point | None:
+        """The smallest rank whose difference to the largest satisfies ``holds`` (the largest always does)."""
+        return next((p for p, d in zip(self.ranks, self.against_largest, strict=True) if d is None or holds(d)),
+                    None)
+
     @property
     def enough(self) -> Point | None:
         """The smallest rank shown to stay within :data:`MARGIN` of the largest (interval's lower end)."""
-        for p, d in zip(self.ranks, self.against_largest, strict=True):
-            if d is None or d.low >= -MARGIN:
-                return p
-        return None
+        return self._smallest(lambda d: d.low >= -MARGIN)
 
     @property
     def not_worse(self) -> Point | None:
         """The smallest rank not shown to be worse than the largest (interval's upper end >= 0): weaker evidence
         than :attr:`enough`, which seed noise often leaves at the largest rank."""
-        for p, d in zip(self.ranks, self.against_largest, strict=True):
-            if d is None or d.high >= 0:
-                return p
-        return None
+        return self._smallest(lambda d: d.high >= 0)
 
 
 def capacity(s: pd.DataFrame, preds: pd.DataFrame, parse: Parser, reference: str | None,

@@ -512,8 +512,8 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     earlier_csv = Path(append) if append else root / out_dir / "study.csv"
     earlier = pd.read_csv(earlier_csv) if earlier_csv.is_file() else None
     planned = [(checked[(t, m)].task.name, variants[m][0], seed, checked[(t, m)])
-               for t, m, ss, fs in plan for seed in [s for s, _ in sweep_order(ss, fs, sweep_seeds)[0]]
-               + sweep_order(ss, fs, sweep_seeds)[1]]
+               for t, m, ss, fs in plan for runs, rest in [sweep_order(ss, fs, sweep_seeds)]
+               for seed in [s for s, _ in runs] + rest]
     seconds, how = estimate_seconds(planned, earlier)
     print(f"study: {len(planned)} runs, estimated CPU time at most {seconds / 3600:.2f} h ({how})")
     rows: list[dict[str, Any]] = []
