@@ -16,6 +16,7 @@ frozen, the base weight is only quantised with ``quantize_base``.
 
 from __future__ import annotations
 
+import math
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping
@@ -111,6 +112,11 @@ def closed_gates(controller_summary: Mapping[str, Any] | None, bits: list[int]) 
         rank += int(row["max_rank"]) - int(row["rank"])
         bit += sum(len(bits) - 1 - bits.index(int(v)) for k, v in row.items() if k.startswith("bits_"))
     return {"rank_gates_closed": rank, "bit_levels_dropped": bit, "gates_closed": rank + bit}
+
+
+def _known(value: Any) -> float | None:
+    """A study figure as a float; None where a row lacks it (missing, or NaN in a CSV written before it existed)."""
+    return None if value is None or math.isnan(float(value)) else float(value)
 
 
 class BLoRAController(Controller):
@@ -279,11 +285,9 @@ class BLoRA(Method[BLoRAParams]):
                       ) -> list[PaperTarget]:
         me = rows[self.name]
         ratio, closed = float(me["bops_ratio_adapter"]), float(me["gates_closed"])
-        apart = ""
-        if all(k in me and me[k] == me[k] for k in ("rank_gates_closed", "bit_levels_dropped")):  # not NaN
-            apart = f": {float(me['rank_gates_closed']):.0f} rank, {float(me['bit_levels_dropped']):.0f} bit"
-        total = me.get("bops_ratio_total")
-        with_base = f", {float(total):.3f}x with the base" if total is not None and total == total else ""
+        rank, bit, total = (_known(me.get(k)) for k in ("rank_gates_closed", "bit_levels_dropped", "bops_ratio_total"))
+        apart = f": {rank:.0f} rank, {bit:.0f} bit" if rank is not None and bit is not None else ""
+        with_base = f", {total:.3f}x with the base" if total is not None else ""
         return [PaperTarget(f"{task}: blora within 1 pt at <= 0.5x a 16-bit LoRA's adapter BOPs, gates closed",
                             -1.0, condition=f"{ratio:.3f}x adapter BOPs (<= 0.5x){with_base}, {closed:.0f} gates "
                                             f"closed (> 0){apart}",
