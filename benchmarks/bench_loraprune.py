@@ -479,19 +479,19 @@ def seeded_report(done: dict, seeds: list[int], out: Path) -> str:
     def mean_nll(p: np.ndarray, _labels: np.ndarray) -> float:
         return float(np.mean(p))
 
-    claims = []  # (text, Target, shown ratio function)
+    claims = []  # (target text, NLL_other − NLL_loraprune, threshold on that difference)
     for corpus, name in (("wikitext2", "WikiText-2"), ("ptb", ptb)):
         for other, bound, what in (("magnitude", 1.0, "below `magnitude`'s"), ("grad", 1.5, "<= 1.5x `grad`'s")):
             lp, them = nll_runs(done, "loraprune", corpus), nll_runs(done, other, corpus)
             if not lp or not {r.seed for r in lp} & {r.seed for r in them}:
                 continue
             d = paired_difference(them, lp, mean_nll, draws=2000)  # NLL_other − NLL_loraprune
-            claims.append((f"`loraprune` perplexity {what} ({name})", other, d, math.log(1 / bound)))
+            claims.append((f"`loraprune` perplexity {what} ({name})", d, math.log(1 / bound)))
     if claims:
-        found = verdicts([Target(text, d, threshold) for text, _, d, threshold in claims])
+        found = verdicts([Target(text, d, threshold) for text, d, threshold in claims])
         lines += ["", "| target | ratio loraprune / other (95 % interval) | per seed | verdict (Holm) |",
                   "|---|---|---|---|"]
-        for (text, _, d, _), v in zip(claims, found, strict=True):
+        for (text, d, _), v in zip(claims, found, strict=True):
             ratio = f"{math.exp(-d.mean):.2f}x [{math.exp(-d.high):.2f}, {math.exp(-d.low):.2f}]"
             seeds_text = ", ".join(f"s{s} {math.exp(-x):.2f}x" for s, x in sorted(d.per_seed.items()))
             word = {MET: "met", NOT_MET: "**not met**"}.get(v.verdict, "inconclusive")
