@@ -22,6 +22,6 @@ while read -r spec; do
   append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
   echo "=== $(date +%T) $task: $spec"
   "$python" -m flows.study --tasks "$task" --methods "$spec" --seeds 1 2 3 4 5 --lr-factors 1 \
-      -S data.validation_size=2000 -S train.precision=fp32 --out "$out" "${append[@]}" || echo "=== $spec failed (rc $?)"
+      -S data.validation_size=2000 -S train.precision=fp32 -S train.fused_adamw=false -S train.cls_only_last_layer=false --out "$out" "${append[@]}" || echo "=== $spec failed (rc $?)"
   git checkout -q params.yaml  # the flows leave the last run's overrides in the workspace
 done < "$here/specs.txt"

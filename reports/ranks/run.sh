@@ -22,6 +22,6 @@ for spec in lora "lora[adapter.rank=1]" "lora[adapter.rank=16]" "lora[adapter.ra
   append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
   echo "=== $(date +%T) $task: $spec"
   "$python" -m flows.study --tasks "$task" --methods "$spec" --seeds 1 2 3 --lr-factors 1 \
-      -S data.validation_size=$validation -S train.precision=fp32 --out "$out" "${append[@]}" || echo "=== $spec failed (rc $?)"
+      -S data.validation_size=$validation -S train.precision=fp32 -S train.fused_adamw=false -S train.cls_only_last_layer=false --out "$out" "${append[@]}" || echo "=== $spec failed (rc $?)"
   git checkout -q params.yaml  # the flows leave the last run's overrides in the workspace
 done
