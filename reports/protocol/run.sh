@@ -1,0 +1,29 @@
+#!/bin/bash
+# The method study's main protocol (issue 25, step two) on one task: every row of specs.txt with the lr grid
+# {0.5, 1, 2}x of its recipe on seeds 1-2 (the factor with the best mean validation score is chosen), then
+# seeds 3-5 at that factor; a 2,000-example validation split carved from train; the pipeline's defaults
+# otherwise (bf16 where native, fused AdamW, [CLS]-only last layer). One study invocation per row, appending
+# to reports/protocol/<task>/study.csv, so a rerun resumes: finished runs come back from DVC's run cache.
+#
+#   reports/protocol/run.sh cola                       # from the repository root
+#   OMP_NUM_THREADS=1 reports/protocol/run.sh cola      # as run here: two checkouts, each a share of specs.txt
+#   SPECS=my-rows.txt reports/protocol/run.sh sst2      # some rows only
+#
+# Then the report (rows paired by seed against `lora`, Holm over the targets, the LoRA-by-rank frontier):
+#   python -m flows.study --report reports/protocol/cola/study.csv -S data.validation_size=2000 --out reports/protocol/cola
+# and, for the (task, method) pairs whose verdicts stay inconclusive, up to 10 seeds:
+#   python -m flows.study --extend-inconclusive reports/protocol/cola/study.csv --lr-factors 0.5 1 2 --sweep-seeds 2 \
+#       -S data.validation_size=2000 --out reports/protocol/cola
+set -u -f
+task=${1:?usage: reports/protocol/run.sh TASK}
+out=${OUT:-reports/protocol/$task}
+python=${PYTHON:-.venv/bin/python}
+specs=${SPECS:-reports/protocol/specs.txt}
+while IFS= read -r spec; do
+  [ -z "$spec" ] && continue
+  append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
+  echo "=== $(date +%T) $task: $spec"
+  "$python" -m flows.study --tasks "$task" --methods "$spec" --seeds 1 2 3 4 5 --lr-factors 0.5 1 2 --sweep-seeds 2 \
+      -S data.validation_size=2000 --out "$out" "${append[@]}" < /dev/null || echo "=== $spec failed (rc $?)"
+  git checkout -q params.yaml  # the flows leave the last run's overrides in the workspace
+done < "$specs"
