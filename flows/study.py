@@ -61,15 +61,16 @@ from stages.common.tracking import git_commit
 RUN_COLUMNS = ["task", "method", "seed", "lr", "lr_factor", "selected", "metric", "score", "validation_score",
                "trivial_score", "trainable_params", "stored_params", "pct_of_lora", "train_seconds", "peak_rss_mb",
                "peak_cuda_mb", "trained", "experiment", "mlflow_run_id", "git", "params_hash", "stored_bytes",
-               "pct_bytes_of_lora_fp32", "compress_components", "compress_bits"]
+               "pct_bytes_of_lora_fp32", "compress_components", "compress_bits", "run_seconds"]
 #: study.csv's layout: the figure columns every earlier study.csv has, where they have always been (--append)
 COLUMNS = RUN_COLUMNS[:13] + ["bops_ratio_adapter", "gates_closed"] + RUN_COLUMNS[13:]
 
 
 #: the rough cost of a run where no earlier study measured one: seconds per optimizer step (MiniLM, batch 32,
-#: 2 CPU cores: 58 s for 189 steps in the December study) and the other stages of one run
+#: 2 CPU cores: 58 s for 189 steps in the December study) and the other stages of one run (a default run spends
+#: 112 s outside its training loop, 22 s of it in the compress search: benchmarks/bench_run_overhead.py)
 ROUGH_STEP_SECONDS = 0.3
-STAGE_OVERHEAD_SECONDS = 20.0
+STAGE_OVERHEAD_SECONDS = 90.0
 
 
 def params_hash(params: Params) -> str:
@@ -406,16 +407,25 @@ def pareto_chart(df: pd.DataFrame, path: Path, preds: pd.DataFrame | None = None
 def estimate_seconds(runs: list[tuple[str, str, int, Params]], earlier: pd.DataFrame | None) -> tuple[float, str]:
     """CPU seconds the study's runs (task, label, seed, params) should take at most, and how that was estimated:
     each run's training time is the mean ``train_seconds`` an earlier study.csv measured for its (task, label),
-    else for its task, else ``ROUGH_STEP_SECONDS`` per optimizer step; plus ``STAGE_OVERHEAD_SECONDS`` for the
-    other stages. Runs DVC's run cache already has cost next to nothing: the estimate is an upper bound."""
+    else for its task, else ``ROUGH_STEP_SECONDS`` per optimizer step; plus the other stages: the mean of
+    ``run_seconds - train_seconds`` over the earlier rows that trained (a run served from DVC's cache says
+    nothing about cost), else ``STAGE_OVERHEAD_SECONDS``. Runs DVC's run cache already has cost next to
+    nothing: the estimate is an upper bound."""
     measured: dict[tuple[str, str], float] = {}
     by_task: dict[str, float] = {}
+    overhead = STAGE_OVERHEAD_SECONDS
+    overhead_measured = False
     if earlier is not None and "train_seconds" in earlier.columns and len(earlier):
         secs = earlier.assign(train_seconds=pd.to_numeric(earlier["train_seconds"], errors="coerce"))
         secs = secs.dropna(subset=["train_seconds"])
         measured = {(str(t), str(m)): float(v) for (t, m), v in secs.groupby(["task", "method"])["train_seconds"]
                     .mean().items()}
         by_task = {str(t): float(v) for t, v in secs.groupby("task")["train_seconds"].mean().items()}
+        if "run_seconds" in secs.columns:
+            ran = secs[secs["trained"].astype(str) == "True"] if "trained" in secs.columns else secs
+            rest = (pd.to_numeric(ran["run_seconds"], errors="coerce") - ran["train_seconds"]).dropna()
+            if len(rest):
+                overhead, overhead_measured = float(rest.mean()), True
     total, counts = 0.0, {"measured": 0, "rough": 0}
     for task, label, _, p in runs:
         seconds = measured.get((task, label), by_task.get(task))
@@ -425,10 +435,10 @@ def estimate_seconds(runs: list[tuple[str, str, int, Params]], earlier: pd.DataF
             counts["rough"] += 1
         else:
             counts["measured"] += 1
-        total += seconds + STAGE_OVERHEAD_SECONDS
+        total += seconds + overhead
     how = (f"{counts['measured']} runs from the training times an earlier study.csv measured, {counts['rough']} at "
-           f"~{ROUGH_STEP_SECONDS} s per optimizer step; plus ~{STAGE_OVERHEAD_SECONDS:.0f} s per run for the other "
-           "stages; runs in DVC's run cache cost next to nothing")
+           f"~{ROUGH_STEP_SECONDS} s per optimizer step; plus ~{overhead:.0f} s per run for the other stages"
+           f"{' (as earlier runs measured)' if overhead_measured else ''}; runs in DVC's run cache cost next to nothing")
     return total, how
 
 
@@ -527,8 +537,10 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
         o = overrides_for(task, spec, seed, factor, base_lr)
         p = validate_overrides(root, o)
         name = exp_name(p.task.name, label, seed, lr, stamp)
+        started = time.perf_counter()
         results.append(pipeline(overrides=o, repo=str(root), experiment_name=name, retries=retries))
         row = study_row(results[-1], p, lr, factor, label)
+        row["run_seconds"] = time.perf_counter() - started  # what the CPU estimate of a later study reads
         frames.append(paired.run_predictions(root / Paths.predictions, row))  # before the next run replaces it
         return row
 

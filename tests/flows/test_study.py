@@ -9,6 +9,7 @@ import pytest
 import flows.paired as paired
 from flows.study import (
     COLUMNS,
+    STAGE_OVERHEAD_SECONDS,
     choose_factor,
     estimate_seconds,
     extension_pairs,
@@ -174,9 +175,16 @@ def test_cpu_estimate_uses_measured_times_else_a_rough_step_cost():
     earlier.loc[2, "train_seconds"] = 40.0
     seconds, how = estimate_seconds(runs, earlier)
     # lora measured 10 s; eva: sst2's mean (10 + 10 + 40) / 3 = 20 s; cola: 40 steps at the rough cost
-    assert seconds == pytest.approx(10 + 20 + 40 * 0.3 + 3 * 20)
-    assert "2 runs from the training times" in how and "1 at" in how
-    assert estimate_seconds(runs[:1], None)[0] == pytest.approx(40 * 0.3 + 20)
+    assert seconds == pytest.approx(10 + 20 + 40 * 0.3 + 3 * STAGE_OVERHEAD_SECONDS)
+    assert "2 runs from the training times" in how and "1 at" in how and "as earlier runs measured" not in how
+    assert estimate_seconds(runs[:1], None)[0] == pytest.approx(40 * 0.3 + STAGE_OVERHEAD_SECONDS)
+    # runs that measured their whole wall time: the other stages cost what they took beside training, averaged
+    # over the rows that trained (a row DVC's cache served ran nothing and is left out)
+    earlier["run_seconds"] = [70.0, 90.0, 100.0]  # 60, 80 and 60 s beside training
+    earlier["trained"] = [True, True, False]
+    seconds, how = estimate_seconds(runs, earlier)
+    assert seconds == pytest.approx(10 + 20 + 40 * 0.3 + 3 * 70)
+    assert "~70 s per run for the other stages (as earlier runs measured)" in how
 
 
 def test_report_paths_are_relative_to_the_repository(tmp_path):
