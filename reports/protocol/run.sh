@@ -4,6 +4,8 @@
 # seeds 3-5 at that factor; a 2,000-example validation split carved from train; the pipeline's defaults
 # otherwise (bf16 where native, fused AdamW, [CLS]-only last layer). One study invocation per row, appending
 # to reports/protocol/<task>/study.csv, so a rerun resumes: finished runs come back from DVC's run cache.
+# The PEFT-style SVD trim is the row `lora+compress[rank=svd,budget=energy,energy=0.9,bits=none]`: derived from
+# the same LoRA runs (the compress stage on LoRA's cached adapters), which `svd_trim` would train again.
 #
 #   reports/protocol/run.sh cola                       # from the repository root
 #   OMP_NUM_THREADS=1 reports/protocol/run.sh cola      # as run here: two checkouts, each a share of specs.txt
