@@ -6,6 +6,8 @@
 # to reports/protocol/<task>/study.csv, so a rerun resumes: finished runs come back from DVC's run cache.
 # The PEFT-style SVD trim is the row `lora+compress[rank=svd,budget=energy,energy=0.9,bits=none]`: derived from
 # the same LoRA runs (the compress stage on LoRA's cached adapters), which `svd_trim` would train again.
+# Bone and Bat have no factor form to trim or quantise (the compress stage passes them through), so they
+# have no `+compress` row.
 #
 #   reports/protocol/run.sh cola                       # from the repository root
 #   OMP_NUM_THREADS=1 reports/protocol/run.sh cola      # as run here: two checkouts, each a share of specs.txt
