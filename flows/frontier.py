@@ -46,11 +46,13 @@ class Point:
     stored_bytes: float
     score: float  # mean dev score over seeds, in points
     settings: Settings
+    stored_params: float = math.nan  # the other axis of the chart: what the adapter stores, in parameters
 
 
 def _points(s: pd.DataFrame, task: str, parse: Parser) -> list[Point]:
     g = s[(s["task"] == task) & s["bytes_mean"].notna()] if "bytes_mean" in s.columns else s.iloc[0:0]
-    return [Point(str(r["method"]), float(r["bytes_mean"]), 100 * float(r["score_mean"]), parse(str(r["method"]))[2])
+    return [Point(str(r["method"]), float(r["bytes_mean"]), 100 * float(r["score_mean"]), parse(str(r["method"]))[2],
+                  float(r["stored_mean"]))
             for _, r in g.iterrows()]
 
 
@@ -62,10 +64,10 @@ def is_frontier(label: str, parse: Parser, reference: str | None) -> bool:
     return method == reference and settings.get("compress.rank") == "none" and not extra
 
 
-def frontier(points: Sequence[Point]) -> list[Point]:
-    """The upper envelope: frontier points sorted by bytes, each better than every smaller one."""
+def frontier(points: Sequence[Point], size: Callable[[Point], float] = lambda p: p.stored_bytes) -> list[Point]:
+    """The upper envelope: frontier points sorted by ``size`` (bytes by default), each better than every smaller one."""
     out: list[Point] = []
-    for p in sorted(points, key=lambda p: (p.stored_bytes, -p.score)):
+    for p in sorted(points, key=lambda p: (size(p), -p.score)):
         if not out or p.score > out[-1].score:
             out.append(p)
     return out
@@ -315,3 +317,14 @@ def chart_points(s: pd.DataFrame, task: str, parse: Parser, reference: str | Non
     points = _points(s, task, parse)
     front = [p for p in points if is_frontier(p.label, parse, reference)]
     return front, frontier(front), [p for p in points if p not in front]
+
+
+def chart_points_by_params(s: pd.DataFrame, task: str, parse: Parser, reference: str | None
+                           ) -> tuple[list[Point], list[Point], list[Point]]:
+    """The same, on the stored-parameters axis: there int8/int4 frontier rows sit on their fp32 twin's
+    parameter count, so the frontier is the reference method's full-precision ranks and its quantised rows
+    are left out of the panel (the bytes panel shows them)."""
+    points = _points(s, task, parse)
+    full = [p for p in points if is_frontier(p.label, parse, reference) and p.settings.get("compress.bits") == "none"]
+    others = [p for p in points if not is_frontier(p.label, parse, reference)]
+    return full, frontier(full, size=lambda p: p.stored_params), others

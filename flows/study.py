@@ -351,33 +351,43 @@ def pareto_chart(df: pd.DataFrame, path: Path, preds: pd.DataFrame | None = None
                  intervals: dict[tuple[str, str], ScoreInterval] | None = None) -> None:
     """Dev metric against what is stored, one panel per task, one point per study row (error bars: std over
     seeds; with ``preds``, the selected runs' per-example predictions, the 95 % hierarchical-bootstrap interval
-    of the mean instead). With stored bytes in the rows (the compress stage's), the x axis is bytes on a log scale and the
-    LoRA-by-rank frontier (:mod:`flows.frontier`) is drawn as a step line through its upper envelope; rows of an
-    older study.csv without bytes fall back to stored parameters and the Pareto frontier of the rows."""
+    of the mean instead). With stored bytes in the rows (the compress stage's), two rows of panels: dev against
+    bytes, then against stored parameters, each on a log scale with the LoRA-by-rank frontier
+    (:mod:`flows.frontier`) drawn as a step line through its upper envelope; rows of an older study.csv without
+    bytes fall back to one row of panels on stored parameters with the Pareto frontier of the rows."""
     plt = pyplot()
     s = summary(df)
     chosen = paired.selected(df, preds) if preds is not None else paired.empty()
     if intervals is None:
         intervals = paired.intervals(s, chosen, draws)
     tasks = list(dict.fromkeys(s["task"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 5.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    any_bytes = bool(s["bytes_mean"].notna().any())
+    rows = 2 if any_bytes else 1
+    fig, axes = plt.subplots(rows, len(tasks), figsize=(7.5 * len(tasks), 5.2 * rows), squeeze=False)
+    by_size = (  # (x of a point, the panel's frontier points, its x label, its legend)
+        (lambda p: p.stored_bytes, frontier.chart_points, "stored adapter bytes (codes + scales + head), log scale",
+         "LoRA-by-rank frontier (fp32 / int8 / int4)"),
+        (lambda p: p.stored_params, frontier.chart_points_by_params, "stored adapter parameters, log scale",
+         "LoRA-by-rank frontier (fp32)"))
+    for column, task in enumerate(tasks):
+        ax = axes[0][column]
         g = s[s["task"] == task]
-        by_bytes = bool(g["bytes_mean"].notna().any())
-        if by_bytes:
-            front, envelope, others = frontier.chart_points(s, str(task), parse_variant, reference_method())
-            for pts, style, colour in ((front, "s", "grey"), (others, "o", None)):
-                for p in pts:
-                    ax.errorbar(p.stored_bytes, p.score, yerr=_yerr(intervals.get((str(task), p.label)), p.label,
-                                                                    p.score, g),
-                                fmt=style, capsize=3, color=colour, alpha=0.8)
-                    ax.annotate(p.label, (p.stored_bytes, p.score), textcoords="offset points", xytext=(5, 4),
-                                fontsize=6)
-            if len(envelope) > 1:
-                ax.step([p.stored_bytes for p in envelope], [p.score for p in envelope], where="post",
-                        color="grey", linestyle="--", label="LoRA-by-rank frontier (fp32 / int8 / int4)")
-            ax.set_xscale("log")
-            ax.set_xlabel("stored adapter bytes (codes + scales + head), log scale")
+        has_bytes = bool(g["bytes_mean"].notna().any())
+        if has_bytes:
+            for row, (x, points_of, xlabel, legend) in enumerate(by_size):
+                ax = axes[row][column]
+                front, envelope, others = points_of(s, str(task), parse_variant, reference_method())
+                for pts, style, colour in ((front, "s", "grey"), (others, "o", None)):
+                    for p in pts:
+                        ax.errorbar(x(p), p.score, yerr=_yerr(intervals.get((str(task), p.label)), p.label,
+                                                              p.score, g),
+                                    fmt=style, capsize=3, color=colour, alpha=0.8)
+                        ax.annotate(p.label, (x(p), p.score), textcoords="offset points", xytext=(5, 4), fontsize=6)
+                if len(envelope) > 1:
+                    ax.step([x(p) for p in envelope], [p.score for p in envelope], where="post",
+                            color="grey", linestyle="--", label=legend)
+                ax.set_xscale("log")
+                ax.set_xlabel(xlabel)
         else:
             g = g.sort_values("stored_mean")
             frontier_xy, best = [], -math.inf
@@ -393,12 +403,15 @@ def pareto_chart(df: pd.DataFrame, path: Path, preds: pd.DataFrame | None = None
                 ax.step(*zip(*frontier_xy), where="post", color="grey", alpha=0.5, linestyle="--",
                         label="Pareto frontier")
             ax.set_xlabel("stored adapter parameters")
-        ax.set_ylabel(f"dev {g['metric'].iloc[0]} × 100 (mean; "
-                      + ("95 % interval)" if not chosen.empty else "± std over seeds)"))
-        ax.set_title(str(task))
-        ax.grid(alpha=0.3, which="both")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
+            if rows == 2:
+                axes[1][column].axis("off")  # another task has bytes; this one's rows do not
+        for ax in axes[:, column] if has_bytes else [axes[0][column]]:
+            ax.set_ylabel(f"dev {g['metric'].iloc[0]} × 100 (mean; "
+                          + ("95 % interval)" if not chosen.empty else "± std over seeds)"))
+            ax.set_title(str(task))
+            ax.grid(alpha=0.3, which="both")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     save_png(fig, path)
 

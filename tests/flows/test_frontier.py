@@ -155,3 +155,24 @@ def test_capacity_gap_is_paired_and_names_the_smallest_rank_that_is_enough():
     assert ("| cola | accuracy | +0.00 [+0.00, +0.00] | no clear effect | lora[adapter.rank=1] | lora[adapter.rank=1] "
             "| lora[adapter.rank=1] 84.50") in md
     assert "| sst2 | accuracy | +5.00 [" in md and "lora[adapter.rank=1] 79.50: -5.00 [" in md
+
+
+def test_parameters_panel_frontier_is_the_full_precision_ranks(tmp_path):
+    params = {"lora": 1000, "lora+compress[rank=none,bits=4]": 1000, "lora[adapter.rank=1]": 125,
+              "lora[adapter.rank=1]+compress[rank=none,bits=4]": 125, "lora+compress": 300}
+    runs = [_run(label, s, _shifted(s, ROWS[label][1]) if ROWS[label][1] else _lora_predictions(s), n,
+                 stored_bytes=ROWS[label][0]) for label, n in params.items() for s in (1, 2, 3)]
+    df = pd.DataFrame([r for r, _ in runs], columns=COLUMNS)
+    s = summary(df)
+    front, envelope, others = frontier.chart_points_by_params(s, "sst2", parse_variant, reference_method())
+    # int4 rows store as many parameters as their fp32 twins: on this axis only the fp32 ranks make the frontier
+    assert [p.label for p in front] == ["lora", "lora[adapter.rank=1]"]
+    assert [(p.label, p.stored_params) for p in envelope] == [("lora[adapter.rank=1]", 125), ("lora", 1000)]
+    assert [p.label for p in others] == ["lora+compress"]
+    assert len(frontier.chart_points(s, "sst2", parse_variant, reference_method())[0]) == 4  # bytes: all four
+    from PIL import Image
+
+    pareto_chart(df, tmp_path / "both.png")
+    pareto_chart(df.drop(columns=["stored_bytes"]), tmp_path / "params.png")
+    both, params_only = Image.open(tmp_path / "both.png").size, Image.open(tmp_path / "params.png").size
+    assert both[0] == params_only[0] and both[1] > 1.8 * params_only[1]  # bytes and parameters: two rows
