@@ -136,13 +136,12 @@ class TrainParams(_Strict):
     gradient_checkpointing: bool = Field(_LOOP.gradient_checkpointing, description="recompute block activations in backward (causal "
                                                             "LMs): less memory, about one extra forward")
     # the loop's fast paths, each exact to float rounding (tests/lora_ops/training; the [CLS]-only layer for
-    # every registered method): on in the pipeline, where they make the default run 0.75x the anchor instead
+    # every registered method): on in the pipeline, where they make training 0.75x the anchor's time instead
     # of 0.88x (docs/benchmarks.md); the loop's own defaults stay off, as with precision
-    fused_adamw: bool = Field(True, description="AdamW's fused multi-tensor kernel instead of the "
-                                                             "per-parameter loop")
-    cls_only_last_layer: bool = Field(True, description="a BERT-style classifier's last "
-                                      "layer computes the [CLS] row only (~14 % fewer linear FLOPs on MiniLM; "
-                                      "other models ignore it)")
+    fused_adamw: bool = Field(True, description="AdamW's fused multi-tensor kernel instead of the per-parameter loop")
+    cls_only_last_layer: bool = Field(True, description="a BERT-style classifier's last layer computes the [CLS] "
+                                                        "row only (~14 % fewer linear FLOPs on MiniLM; other models "
+                                                        "ignore it)")
     lm_loss_chunk: int = Field(_LOOP.lm_loss_chunk, ge=0, description="> 0: a causal LM's loss in chunks of this "
                                "many target rows, no full logits tensor; 0 = the model's own loss")
 
