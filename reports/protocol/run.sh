@@ -6,6 +6,9 @@
 # to reports/protocol/<task>/study.csv, so a rerun resumes: finished runs come back from DVC's run cache.
 # The PEFT-style SVD trim is the row `lora+compress[rank=svd,budget=energy,energy=0.9,bits=none]`: derived from
 # the same LoRA runs (the compress stage on LoRA's cached adapters), which `svd_trim` would train again.
+# `lora+compress[confidence=null]` is the ablation of the search's acceptance rule: each candidate judged on
+# its validation point estimate instead of a one-sided 95 % paired bound (the default, which no int4 adapter
+# passed on CoLA's noisy Matthews correlation).
 # Bone and Bat have no factor form to trim or quantise (the compress stage passes them through), so they
 # have no `+compress` row.
 #
