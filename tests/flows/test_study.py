@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -27,6 +29,7 @@ from lora_ops.methods import get_method
 from lora_ops.methods.blora import BLoRAParams
 from stages.common.params import ConfigError, load_params
 
+ROOT = Path(__file__).resolve().parents[2]
 N = 400  # dev examples of the constructed runs
 LABELS = np.arange(N) % 2
 
@@ -249,3 +252,24 @@ def test_append_merges_predictions_as_the_csv():
     assert list(merged.drop_duplicates(["method", "seed"])[["method", "seed"]].itertuples(index=False, name=None)) == [
         ("lora", 1), ("lora", 2), ("eva", 1), ("eva", 2), ("eva", 3)]  # the earlier eva runs are replaced
     assert len(merged) == 5 * N and list(merged.columns) == paired.COLUMNS
+
+
+@pytest.mark.parametrize("spec", [line.strip() for line in
+                                  (ROOT / "reports" / "protocol" / "specs.txt").read_text().splitlines()
+                                  if line.strip()])
+def test_every_protocol_row_is_a_valid_run(spec):
+    # a typo in a row would only surface hours into reports/protocol/run.sh
+    label, method, settings = parse_variant(spec)
+    params = load_params(overrides={**settings, "method.name": method, "data.validation_size": 2000})
+    assert label == spec and params.method.name == method and get_method(method) is not None
+    for key, value in settings.items():
+        section, _, name = key.partition(".")
+        holder = params.method_params() if section == method else getattr(params, section)
+        assert getattr(holder, name) == value
+
+
+@pytest.mark.parametrize("spec", ["lora+compress[confidance=null]", "blora[quantize_bse=true]"])
+def test_a_misspelt_protocol_setting_is_refused(spec):
+    _, method, settings = parse_variant(spec)
+    with pytest.raises(ConfigError, match="confidance|quantize_bse"):
+        load_params(overrides={**settings, "method.name": method}).method_params()
