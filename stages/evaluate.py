@@ -36,17 +36,17 @@ TIMING_KEYS = ("latency_merged_ms", "latency_unmerged_ms", "latency_dense_ms", "
 DIFF_EXAMPLES = 256  # unmerged-vs-merged comparison sample (the full dev set adds time, not information)
 
 
-def load_merged_lm(path: Path):
-    """Pruned folders with per-layer widths need lora_ops' loader; everything else loads stock."""
-
-    from transformers import AutoModelForCausalLM
+def load_merged(path: Path, auto_class) -> tuple[torch.nn.Module, bool]:
+    """The merged model and whether it needs lora_ops' loader: a structurally pruned folder whose layers
+    differ in width (heads, MLP channels) cannot be described by a stock config, so ``auto_class``
+    (``AutoModelFor...``) would re-initialise the mismatched weights; everything else loads stock."""
 
     from lora_ops.pruning import load_pruned_model
 
     config = json.loads((path / "config.json").read_text())
     if "lora_sieve_pruning" in config:
         return load_pruned_model(path), not config["lora_sieve_pruning"].get("stock_loadable", False)
-    return AutoModelForCausalLM.from_pretrained(str(check_model_folder(path)), use_safetensors=True), False
+    return auto_class.from_pretrained(str(check_model_folder(path)), use_safetensors=True), False
 
 
 def evaluate_lm(params, plan: dict, device: str) -> dict:
@@ -58,7 +58,9 @@ def evaluate_lm(params, plan: dict, device: str) -> dict:
     from stages.common.params import mirror_path
 
     pe = params.lm_eval
-    merged, needs_loader = load_merged_lm(Paths.merged_model)
+    from transformers import AutoModelForCausalLM
+
+    merged, needs_loader = load_merged(Paths.merged_model, AutoModelForCausalLM)
     merged.to(device).eval()
     adapted = load_product(params, plan).adapted  # what merge folded in: the product adapter
     tok = adapted.loaded.tokenizer
@@ -148,8 +150,8 @@ def main() -> None:
         if is_lm(task):
             finish(params, plan, task, run, evaluate_lm(params, plan, device), no_predictions())
             return
-        merged = AutoModelForSequenceClassification.from_pretrained(
-            str(check_model_folder(Paths.merged_model)), use_safetensors=True).to(device).eval()
+        merged, needs_loader = load_merged(Paths.merged_model, AutoModelForSequenceClassification)
+        merged.to(device).eval()
         product = load_product(params, plan)  # what merge folded in: the product adapter, unmerged
         adapted = product.adapted
         tok = adapted.loaded.tokenizer

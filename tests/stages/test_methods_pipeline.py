@@ -87,3 +87,15 @@ def test_loraprune_on_smollm2_through_every_stage(tmp_path, monkeypatch):
     # the pruned, merged model equals the masked, unmerged one
     assert metrics["max_abs_diff_unmerged_vs_merged"] < 1e-3
     assert (repo / "data/merge/peft/NOT_EXPORTED.txt").is_file()
+
+
+def test_loraprune_on_a_classifier_scores_its_pruned_merge(tmp_path, monkeypatch):
+    """LoRAPrune narrows MiniLM's heads and MLP channels per layer, which a stock config cannot describe:
+    evaluate loads the merged folder with lora_ops' pruned-model loader, and scores that model."""
+    overrides = {**TINY, "method.name": "loraprune", "loraprune.prune_every": 1, "loraprune.min_score_updates": 1}
+    repo, metrics, _ = _run_every_stage(overrides, tmp_path, monkeypatch)
+    config = json.loads((repo / "data/merge/model/config.json").read_text())
+    assert "lora_sieve_pruning" in config
+    assert metrics["max_abs_diff_unmerged_vs_merged"] < 1e-4  # the pruned merge equals the masked adapter
+    predictions = pd.read_parquet(repo / "data/evaluate/predictions.parquet")
+    assert (predictions["prediction"] == predictions["label"]).mean() == pytest.approx(metrics["dev_accuracy"])
