@@ -73,7 +73,7 @@ class StatsRecorder:
 
     def __init__(self, model: nn.Module, sites: Sequence[PairSite], base_energy: bool = True) -> None:
         layers = adapter_layers(model)
-        self.grams = {s.key: GramAccumulator(max(s.rank, 1), device=s.a.device) for s in sites}
+        self.grams = {s.key: GramAccumulator(s.rank, device=s.a.device) for s in sites}
         self.base_energy = dict.fromkeys(self.grams, 0.0)
         self._mask: torch.Tensor | None = None
         self._handles = []

@@ -170,8 +170,8 @@ class GramAccumulator:
     feeds, so ``G = Σ_m A C_m Aᵀ`` and the pair is trimmed once for the summed objective."""
 
     def __init__(self, rank: int, device: torch.device | str | None = None) -> None:
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+        if rank < 0:  # rank 0: a pair a rank allocator pruned away (AdaLoRA, DoRA-DR); its G is 0 x 0
+            raise ValueError(f"rank must be >= 0, got {rank}")
         self.rank = rank
         self.gram = torch.zeros(rank, rank, dtype=torch.float64, device=device)
         self.tokens = 0

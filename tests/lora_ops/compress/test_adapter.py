@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -145,3 +147,19 @@ def test_search_budget_finds_the_smallest_passing_budget_and_never_tests_beyond_
     cand, _ = search_bits(size, lambda n, b: 1.0 + (0.002 if b == 4 else 0.0), 10, (4, 8, 0), 1.0, 0.5,
                           higher_is_better=False)
     assert cand is not None and cand.bits == 4
+
+
+def test_a_pair_pruned_to_rank_zero_trims_to_nothing(tiny_bert):
+    """A rank allocator (AdaLoRA, DoRA-DR) can mask every component of a module: its site has rank 0,
+    its G is 0 x 0 and the output-weighted decomposition keeps nothing, instead of refusing the shapes."""
+    _lora_drop_like(tiny_bert)
+    sites = pair_sites(tiny_bert)
+    pruned = dataclasses.replace(sites[0], a=sites[0].a[:0], b=sites[0].b[:, :0])
+    sites = [pruned, *sites[1:]]
+    rec = StatsRecorder(tiny_bert, sites)
+    _forward(tiny_bert, torch.randint(0, 120, (2, 8)), torch.ones(2, 8, dtype=torch.long))
+    rec.remove()
+    assert rec.grams[pruned.key].gram.shape == (0, 0)
+    dec = decompose_output(pruned.a, pruned.b, pruned.scale, rec.grams[pruned.key].gram)
+    assert dec.max_rank == 0 and dec.singular_values.numel() == 0
+    assert rec.grams[sites[1].key].gram.shape == (sites[1].rank, sites[1].rank)
