@@ -38,8 +38,8 @@ DIFF_EXAMPLES = 256  # unmerged-vs-merged comparison sample (the full dev set ad
 
 def load_merged(path: Path, auto_class) -> tuple[torch.nn.Module, bool]:
     """The merged model and whether it needs lora_ops' loader: a structurally pruned folder whose layers
-    differ in width (heads, MLP channels) cannot be described by a stock config, so ``auto_class``
-    (``AutoModelFor...``) would re-initialise the mismatched weights; everything else loads stock."""
+    differ in width (heads, MLP channels) has no stock config that describes it, and ``auto_class``
+    (``AutoModelFor...``) refuses its weights; everything else loads stock."""
 
     from lora_ops.pruning import load_pruned_model
 
@@ -52,14 +52,14 @@ def load_merged(path: Path, auto_class) -> tuple[torch.nn.Module, bool]:
 def evaluate_lm(params, plan: dict, device: str) -> dict:
     """Perplexity on WikiText-2 and PTB test at a pinned protocol, sizes and latency, dense vs merged."""
 
+    from transformers import AutoModelForCausalLM
+
     from lora_ops.lm_eval import perplexity
     from stages.common.adapted import load_base
     from stages.common.lm import corpus_tokens, load_corpus
     from stages.common.params import mirror_path
 
     pe = params.lm_eval
-    from transformers import AutoModelForCausalLM
-
     merged, needs_loader = load_merged(Paths.merged_model, AutoModelForCausalLM)
     merged.to(device).eval()
     adapted = load_product(params, plan).adapted  # what merge folded in: the product adapter
@@ -150,7 +150,7 @@ def main() -> None:
         if is_lm(task):
             finish(params, plan, task, run, evaluate_lm(params, plan, device), no_predictions())
             return
-        merged, needs_loader = load_merged(Paths.merged_model, AutoModelForSequenceClassification)
+        merged, _ = load_merged(Paths.merged_model, AutoModelForSequenceClassification)
         merged.to(device).eval()
         product = load_product(params, plan)  # what merge folded in: the product adapter, unmerged
         adapted = product.adapted
