@@ -3,9 +3,10 @@ can use: a ``transformers`` pipeline of the task's kind (text classification wit
 GLUE classification, a raw score for regression, text generation for causal LMs), with a signature
 and an input example, plus the model card that becomes the registry version's description.
 
-Pruned causal LMs whose layers differ in width cannot be rebuilt by ``from_pretrained`` (a Hugging
-Face config holds one width): they are logged as a ``pyfunc`` model that loads through
-:func:`lora_ops.pruning.load_pruned_model` and generates exactly like the pipeline does.
+Pruned models whose layers differ in width (LoRAPrune's heads and MLP channels) cannot be rebuilt by
+``from_pretrained`` (a Hugging Face config holds one width): they are logged as a ``pyfunc`` model that
+loads through :func:`lora_ops.pruning.load_pruned_model` and answers like the transformers flavour does
+(generated text for a causal LM; ``label``/``score`` rows for a classifier or regressor).
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ class Served:
     """What gets logged: the object, the MLflow task, signature, example, inference config."""
 
     hf_task: str
-    pipeline: Any  # a transformers Pipeline, or None for the pruned-LM pyfunc
+    pipeline: Any  # a transformers Pipeline, or None for a pruned model's pyfunc
     signature: Any
     input_example: Any
     model_config: dict[str, Any]
-    pruned_lm: bool = False
+    pruned: bool = False  # per-layer widths: logged as a pyfunc that loads through lora_ops
+    labels: list[str] | None = None  # classifier/regressor label names (the pruned pyfunc sets them itself)
 
 
 def label_names(task: Task) -> list[str]:
@@ -103,22 +105,35 @@ def build(model_dir: Path, task: Task, dev: pd.DataFrame | None = None) -> Serve
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if needs_pruned_loader(model_dir):
-            return Served("text-generation", None, sig, example, dict(GENERATION), pruned_lm=True)
+            return Served("text-generation", None, sig, example, dict(GENERATION), pruned=True)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True).eval()
         pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
         return Served("text-generation", pipe, sig, example, dict(GENERATION))
+    if needs_pruned_loader(model_dir):
+        config = json.loads((model_dir / "config.json").read_text())
+        _check_outputs(model_dir, config.get("num_labels", len(config.get("id2label", {})) or 2), task)
+        return Served("text-classification", None, sig, example, {}, pruned=True, labels=label_names(task))
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True).eval()
-    names = label_names(task)
-    if model.config.num_labels != len(names):
-        raise ValueError(f"{model_dir} has {model.config.num_labels} outputs but task {task.name} has "
-                         f"{len(names)} labels: rerun merge for this task")
-    model.config.id2label = dict(enumerate(names))
-    model.config.label2id = {n: i for i, n in enumerate(names)}
-    if task.is_regression:
-        # the pipeline then returns the raw output (no sigmoid) as the score
-        model.config.problem_type = "regression"
+    _check_outputs(model_dir, model.config.num_labels, task)
+    label_config(model, label_names(task))
     pipe = pipeline("text-classification", model=model, tokenizer=tokenizer)
     return Served("text-classification", pipe, sig, example, {})
+
+
+def _check_outputs(model_dir: Path, outputs: int, task: Task) -> None:
+    names = label_names(task)
+    if outputs != len(names):
+        raise ValueError(f"{model_dir} has {outputs} outputs but task {task.name} has "
+                         f"{len(names)} labels: rerun merge for this task")
+
+
+def label_config(model: Any, names: list[str]) -> None:
+    """The task's label names on the model's config; one output named ``score`` is a regressor, whose
+    pipeline then returns the raw output (no sigmoid) as the score."""
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {n: i for i, n in enumerate(names)}
+    if names == [REGRESSION_LABEL]:
+        model.config.problem_type = "regression"
 
 
 def pip_requirements() -> list[str]:
@@ -127,7 +142,7 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "transformers", "safetensors")]
 
 
-def _pruned_model() -> Any:
+def _pruned_causal_lm() -> Any:
     """Defined here so that importing this module does not import MLflow."""
     import mlflow.pyfunc
 
@@ -164,6 +179,42 @@ def _pruned_model() -> Any:
     return _PrunedCausalLM()
 
 
+def _pruned_classifier(labels: list[str]) -> Any:
+    """A pruned classifier (or regressor) behind the transformers text-classification pipeline, built at
+    load time from lora_ops' loader: the same ``label``/``score`` rows as the transformers flavour."""
+    import mlflow.pyfunc
+
+    class _PrunedClassifier(mlflow.pyfunc.PythonModel):
+        def __init__(self, labels: list[str]) -> None:
+            self.labels = labels
+
+        def load_context(self, context: Any) -> None:
+            from transformers import AutoTokenizer, pipeline
+
+            from lora_ops.pruning import load_pruned_model
+
+            model = load_pruned_model(Path(context.artifacts["model"])).eval()
+            # as label_config does (not called: the served environment need not have `stages` importable)
+            model.config.id2label = dict(enumerate(self.labels))
+            model.config.label2id = {n: i for i, n in enumerate(self.labels)}
+            if self.labels == ["score"]:
+                model.config.problem_type = "regression"
+            tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model"])
+            self.pipeline = pipeline("text-classification", model=model, tokenizer=tokenizer)
+
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 (see _PrunedCausalLM)
+            if isinstance(model_input, pd.DataFrame):
+                if {"text", "text_pair"} <= set(model_input.columns):
+                    inputs = model_input[["text", "text_pair"]].astype(str).to_dict("records")
+                else:
+                    inputs = model_input.iloc[:, 0].astype(str).tolist()
+            else:
+                inputs = list(model_input)
+            return pd.DataFrame(self.pipeline(inputs), columns=["label", "score"])
+
+    return _PrunedClassifier(labels)
+
+
 def log(served: Served, model_dir: Path, run_id: str) -> Any:
     """Log the served model under ``run_id`` (artifact name ``model``); returns MLflow's ModelInfo.
 
@@ -186,11 +237,12 @@ def log(served: Served, model_dir: Path, run_id: str) -> Any:
 def _log_active(served: Served, model_dir: Path) -> Any:
     import mlflow
 
-    if served.pruned_lm:
+    if served.pruned:
         import lora_ops
 
+        python_model = _pruned_causal_lm() if served.labels is None else _pruned_classifier(served.labels)
         return mlflow.pyfunc.log_model(
-            name="model", python_model=_pruned_model(), artifacts={"model": str(model_dir)},
+            name="model", python_model=python_model, artifacts={"model": str(model_dir)},
             code_paths=[str(Path(lora_ops.__file__).parent)], signature=served.signature,
             input_example=served.input_example, pip_requirements=pip_requirements())
     import mlflow.transformers

@@ -63,7 +63,7 @@ def _tiny(kind: str, tokenizer):
             vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=128, num_labels=labels,
             problem_type="regression" if labels == 1 else "single_label_classification"))
-    if kind == "pruned_lm":
+    if kind.startswith("pruned"):
         return _pruned(model, tokenizer)
     method = get_method("lora")
     ctx = MethodContext(adapter=AdapterConfig(rank=2, alpha=4), params=method.params_model())
@@ -81,7 +81,8 @@ def _tiny(kind: str, tokenizer):
 
 def _pruned(model, tokenizer):
     """LoRAPrune with the default exempt last layer: layers end with different widths, so the
-    merged folder needs lora_ops' loader (stock from_pretrained cannot build it)."""
+    merged folder needs lora_ops' loader (stock from_pretrained cannot build it). A classifier
+    trains on random class labels, a causal LM on its own tokens."""
     from lora_ops.data import BatchSource
     from lora_ops.training.loop import TrainConfig, train
 
@@ -94,7 +95,9 @@ def _pruned(model, tokenizer):
     freeze_all_but(model)
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(1000, len(tokenizer), (24, 8), generator=gen)
-    data = BatchSource({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()},
+    causal = type(model).__name__.endswith("ForCausalLM")
+    labels = ids.clone() if causal else torch.randint(0, model.config.num_labels, (len(ids),), generator=gen)
+    data = BatchSource({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels},
                        batch_size=4, shuffle=False)
     train(model, data, TrainConfig(epochs=1, lr=1e-3, warmup_ratio=0.0, progress=False),
           controller=method.controller(model, plan, ctx))
@@ -103,7 +106,8 @@ def _pruned(model, tokenizer):
 
 def promoted_repo(root: Path, kind: str, tokenizer) -> Path:
     """A scratch project holding exactly what ``promote`` reads, then ``promote.main()`` run in it."""
-    task = {"classification": "sst2", "regression": "stsb", "causal_lm": "alpaca", "pruned_lm": "alpaca"}[kind]
+    task = {"classification": "sst2", "regression": "stsb", "causal_lm": "alpaca", "pruned_lm": "alpaca",
+            "pruned_classifier": "sst2"}[kind]
     repo = root / f"repo-{kind}"
     merged_dir = repo / "data/merge/model"
     model, method, ctx, plan = _tiny(kind, tokenizer)
@@ -112,7 +116,7 @@ def promoted_repo(root: Path, kind: str, tokenizer) -> Path:
     compact.mkdir(parents=True)
     save_file({k: v.detach().clone() for k, v in model.state_dict().items() if "lora" in k},
               str(compact / "adapter.safetensors"))
-    if kind == "pruned_lm":
+    if kind.startswith("pruned"):
         assert not method.export_model(model, plan, ctx, merged_dir, tokenizer)["stock_loadable"]
         for sub in ("peft", "peft_serve"):
             (repo / "data/merge" / sub).mkdir(parents=True)
@@ -131,7 +135,8 @@ def promoted_repo(root: Path, kind: str, tokenizer) -> Path:
     (compact / "lora_sieve.json").write_text(json.dumps(meta))
     (repo / "data/decide").mkdir(parents=True)
     (repo / "data/decide/plan.json").write_text(json.dumps(plan))
-    main = {"classification": "accuracy", "regression": "pearson"}.get(kind, "wikitext2_ppl")
+    main = {"classification": "accuracy", "pruned_classifier": "accuracy", "regression": "pearson"}.get(
+        kind, "wikitext2_ppl")
     key = main if main == "wikitext2_ppl" else f"dev_{main}"  # as evaluate names them
     metrics = {key: 30.0 if main == "wikitext2_ppl" else 0.8, "main_metric": main, "score_split": "dev",
                "stored_params": counts["stored"],
@@ -140,7 +145,7 @@ def promoted_repo(root: Path, kind: str, tokenizer) -> Path:
     metrics["score"] = metrics[key]
     (repo / "data/evaluate").mkdir(parents=True)
     (repo / "data/evaluate/metrics.json").write_text(json.dumps(metrics))
-    if kind == "classification":
+    if kind.endswith("classifier") or kind == "classification":
         (repo / "data/prepare").mkdir(parents=True)
         pd.DataFrame({"sentence": SST2[:2], "label": [1, 0]}).to_parquet(repo / "data/prepare/dev.parquet")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -315,6 +320,27 @@ def test_pyfunc_pruned_lm_with_per_layer_widths_generates_like_the_merged_model(
             ids = merged.generate(**enc, max_new_tokens=6, do_sample=False)
         expected.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     assert all(e.strip() for e in expected) and list(out) == expected
+
+
+def test_pyfunc_pruned_classifier_with_per_layer_widths_matches_the_merged_model(tmp_path, tokenizer, monkeypatch):
+    """A LoRAPrune classifier champion: no stock config describes its widths, so it is served as a pyfunc
+    that loads through lora_ops and answers with the transformers flavour's label/score rows."""
+    import mlflow
+
+    from lora_ops.pruning import load_pruned_model
+
+    repo = promoted_repo(tmp_path, "pruned_classifier", tokenizer)
+    _run_promote(repo, monkeypatch)
+    model = mlflow.pyfunc.load_model("models:/sst2-pruned-classifier@champion")
+    assert "python_function" in model.metadata.flavors and "transformers" not in model.metadata.flavors
+    assert model.metadata.get_model_info().signature.outputs.input_names() == ["label", "score"]
+    out = model.predict(SST2)
+    merged = load_pruned_model(repo / "data/merge/model").eval()
+    with torch.no_grad():
+        probs = merged(**tokenizer(SST2, padding=True, return_tensors="pt")).logits.softmax(-1)
+    assert list(out["label"]) == [["negative", "positive"][i] for i in probs.argmax(-1).tolist()]
+    torch.testing.assert_close(torch.tensor(out["score"].to_numpy(), dtype=torch.float32), probs.max(-1).values,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_promote_without_merged_model_fails_in_one_line(tmp_path, tokenizer):
