@@ -3,7 +3,9 @@
 # {0.5, 1, 2}x of its recipe on seeds 1-2 (the factor with the best mean validation score is chosen), then
 # seeds 3-5 at that factor; a 2,000-example validation split carved from train; the pipeline's defaults
 # otherwise (bf16 where native, fused AdamW, [CLS]-only last layer). One study invocation per row, appending
-# to reports/protocol/<task>/study.csv, so a rerun resumes: finished runs come back from DVC's run cache.
+# to reports/protocol/<task>/runs/study.csv (every run with its per-example predictions, committed). A rerun
+# resumes on any machine: a row whose five seeds runs/study.csv already holds is skipped (delete its rows to
+# run it again), and on the machine that ran them finished runs come back from DVC's run cache.
 # The PEFT-style SVD trim is the row `lora+compress[rank=svd,budget=energy,energy=0.9,bits=none]`: derived from
 # the same LoRA runs (the compress stage on LoRA's cached adapters), which `svd_trim` would train again.
 # `lora+compress[confidence=null]` is the ablation of the search's acceptance rule: each candidate judged on
@@ -16,18 +18,25 @@
 #   OMP_NUM_THREADS=1 reports/protocol/run.sh cola      # as run here: two checkouts, each a share of specs.txt
 #   SPECS=my-rows.txt reports/protocol/run.sh sst2      # some rows only
 #
-# Then the report (rows paired by seed against `lora`, Holm over the targets, the LoRA-by-rank frontier):
-#   python -m flows.study --report reports/protocol/cola/study.csv -S data.validation_size=2000 --out reports/protocol/cola
+# Then the report (rows paired by seed against `lora`, Holm over the targets, the LoRA-by-rank frontier), from
+# runs/ (several checkouts: one runs/study.csv each, all given to --report):
+#   python -m flows.study --report reports/protocol/cola/runs/study.csv -S data.validation_size=2000 --out reports/protocol/cola
 # and, for the (task, method) pairs whose verdicts stay inconclusive, up to 10 seeds:
-#   python -m flows.study --extend-inconclusive reports/protocol/cola/study.csv --lr-factors 0.5 1 2 --sweep-seeds 2 \
-#       -S data.validation_size=2000 --out reports/protocol/cola
+#   python -m flows.study --extend-inconclusive reports/protocol/cola/runs/study.csv --lr-factors 0.5 1 2 --sweep-seeds 2 \
+#       -S data.validation_size=2000 --out reports/protocol/cola/runs
 set -u -f
 task=${1:?usage: reports/protocol/run.sh TASK}
-out=${OUT:-reports/protocol/$task}
+out=${OUT:-reports/protocol/$task/runs}
 python=${PYTHON:-.venv/bin/python}
 specs=${SPECS:-reports/protocol/specs.txt}
 while IFS= read -r spec; do
   [ -z "$spec" ] && continue
+  if [ -f "$out/study.csv" ] && "$python" -c 'import sys, pandas as pd
+rows = pd.read_csv(sys.argv[1]); row = rows[(rows["task"] == sys.argv[2]) & (rows["method"] == sys.argv[3])]
+sys.exit(0 if row[row["selected"].astype(str).str.lower() == "true"]["seed"].nunique() >= 5 else 1)' \
+      "$out/study.csv" "$task" "$spec"; then
+    echo "=== $task: $spec is in $out/study.csv (five seeds): skipped"; continue
+  fi
   append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
   echo "=== $(date +%T) $task: $spec"
   "$python" -m flows.study --tasks "$task" --methods "$spec" --seeds 1 2 3 4 5 --lr-factors 0.5 1 2 --sweep-seeds 2 \
