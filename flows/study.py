@@ -347,6 +347,52 @@ def _yerr(ci: ScoreInterval | None, label: str, score: float, g: pd.DataFrame) -
     return std or None
 
 
+def chart_label(spec: str) -> str:
+    """A study label short enough for a chart key: ``lora[adapter.rank=2]+compress[rank=none,bits=4]`` ->
+    ``lora r2 +compress int4``; ``+compress[rank=svd,budget=energy,energy=0.9,bits=none]`` -> ``+compress svd
+    budget=energy energy=0.9``. Settings that restate "off" (``none``) are dropped, a bits width reads ``int<b>``, the
+    adapter's rank ``r<n>``, any other setting ``key=value`` without its section."""
+    head, plus, tail = spec.partition(COMPRESS_SUFFIX)
+    method, body = _bracketed(spec, head)
+
+    def words(body: str) -> list[str]:
+        out = []
+        for item in filter(None, (x.strip() for x in body.split(","))):
+            key, _, value = item.partition("=")
+            key = key.strip().rsplit(".", 1)[-1]
+            value = value.strip()
+            if value.lower() in ("none", "null") and key in ("rank", "bits"):
+                continue
+            out.append(f"int{value}" if key == "bits" else f"r{value}" if key == "rank" and value.isdigit()
+                       else value if key == "rank" else f"{key}={value}")
+        return out
+
+    parts = [method, *words(body)]
+    if plus:
+        parts += [COMPRESS_SUFFIX, *words(_bracketed(spec, "compress" + tail)[1])]
+    return " ".join(parts)
+
+
+def _place_labels(ax: Any, points: list[tuple[float, float, str]], step_pt: float = 7.0) -> None:
+    """Number labels beside their points, each moved up (then down) in steps of ``step_pt`` points until it
+    overlaps no label already placed: dense clusters stay readable."""
+    ax.figure.canvas.draw()  # final limits and scales, so data -> display is what will be drawn
+    to_px = ax.transData.transform
+    px_per_pt = ax.figure.dpi / 72
+    placed: list[tuple[float, float, float]] = []  # (x, y, width) in display pixels
+    for x, y, text in sorted(points, key=lambda p: (to_px((p[0], p[1]))[0], -p[1])):
+        px, py = to_px((x, y))
+        width = (len(text) * 4.2 + 2) * px_per_pt
+        offsets = [0.0] + [k * sign for k in range(1, 12) for sign in (1, -1)]
+        for k in offsets:
+            lx, ly = px + 3 * px_per_pt, py + (2 + k * step_pt) * px_per_pt
+            if all(abs(ly - qy) >= step_pt * px_per_pt or lx > qx + qw or lx + width < qx for qx, qy, qw in placed):
+                break
+        placed.append((lx, ly, width))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, 2 + k * step_pt), fontsize=6,
+                    va="center", arrowprops={"arrowstyle": "-", "lw": 0.4, "alpha": 0.5} if k else None)
+
+
 def pareto_chart(df: pd.DataFrame, path: Path, preds: pd.DataFrame | None = None, draws: int = paired.DRAWS,
                  intervals: dict[tuple[str, str], ScoreInterval] | None = None) -> None:
     """Dev metric against what is stored, one panel per task, one point per study row (error bars: std over
@@ -363,7 +409,7 @@ def pareto_chart(df: pd.DataFrame, path: Path, preds: pd.DataFrame | None = None
     tasks = list(dict.fromkeys(s["task"]))
     any_bytes = bool(s["bytes_mean"].notna().any())
     rows = 2 if any_bytes else 1
-    fig, axes = plt.subplots(rows, len(tasks), figsize=(7.5 * len(tasks), 5.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, len(tasks), figsize=(10 * len(tasks), 5.6 * rows), squeeze=False)
     by_size = (  # (x of a point, the panel's frontier points, its x label, its legend)
         (lambda p: p.stored_bytes, frontier.chart_points, "stored adapter bytes (codes + scales + head), log scale",
          "LoRA-by-rank frontier (fp32 / int8 / int4)"),
@@ -373,21 +419,26 @@ def pareto_chart(df: pd.DataFrame, path: Path, preds: pd.DataFrame | None = None
         ax = axes[0][column]
         g = s[s["task"] == task]
         has_bytes = bool(g["bytes_mean"].notna().any())
+        number = {label: i + 1 for i, label in enumerate(dict.fromkeys(g["method"]))}  # one key per task
         if has_bytes:
             for row, (x, points_of, xlabel, legend) in enumerate(by_size):
                 ax = axes[row][column]
                 front, envelope, others = points_of(s, str(task), parse_variant, reference_method())
+                numbered = []
                 for pts, style, colour in ((front, "s", "grey"), (others, "o", None)):
                     for p in pts:
                         ax.errorbar(x(p), p.score, yerr=_yerr(intervals.get((str(task), p.label)), p.label,
                                                               p.score, g),
                                     fmt=style, capsize=3, color=colour, alpha=0.8)
-                        ax.annotate(p.label, (x(p), p.score), textcoords="offset points", xytext=(5, 4), fontsize=6)
+                        numbered.append((x(p), p.score, str(number[p.label])))
                 if len(envelope) > 1:
                     ax.step([x(p) for p in envelope], [p.score for p in envelope], where="post",
                             color="grey", linestyle="--", label=legend)
                 ax.set_xscale("log")
                 ax.set_xlabel(xlabel)
+                _place_labels(ax, numbered)
+                ax.text(1.02, 1.0, "\n".join(f"{n:>2}  {chart_label(label)}" for label, n in number.items()),
+                        transform=ax.transAxes, va="top", ha="left", fontsize=6, family="monospace")
         else:
             g = g.sort_values("stored_mean")
             frontier_xy, best = [], -math.inf

@@ -12,6 +12,8 @@ import flows.paired as paired
 from flows.study import (
     COLUMNS,
     STAGE_OVERHEAD_SECONDS,
+    _place_labels,
+    chart_label,
     choose_factor,
     estimate_seconds,
     extension_pairs,
@@ -203,6 +205,31 @@ def test_method_variants_parse_to_overrides():
                                                                    "lora_drop.probe_epochs": 1})
     with pytest.raises(ConfigError, match="key=value"):
         parse_variant("lora_drop[threshold]")
+
+
+def test_chart_labels_are_short_and_keep_what_tells_rows_apart():
+    assert chart_label("lora") == "lora"
+    assert chart_label("lora[adapter.rank=2]+compress[rank=none,bits=4]") == "lora r2 +compress int4"
+    assert chart_label("lora+compress") == "lora +compress"
+    assert chart_label("lora+compress[confidence=null]") == "lora +compress confidence=null"
+    assert chart_label("lora+compress[rank=svd,budget=energy,energy=0.9,bits=none]") == \
+        "lora +compress svd budget=energy energy=0.9"
+    assert chart_label("blora[quantize_base=true]") == "blora quantize_base=true"
+    labels = [chart_label(s) for s in (ROOT / "reports/protocol/specs.txt").read_text().split()]
+    assert len(set(labels)) == len(labels)  # no two protocol rows share a chart label
+
+
+def test_chart_labels_of_coinciding_points_do_not_overlap():
+    from stages.common.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [1, 2])
+    _place_labels(ax, [(1.5, 1.5, "1"), (1.5, 1.5, "2"), (1.5, 1.5, "3"), (1.9, 1.1, "4")])
+    offsets = [a.xyann[1] for a in ax.texts]
+    plt.close(fig)
+    assert len(set(offsets[:3])) == 3 and min(abs(a - b) for a in offsets[:3] for b in offsets[:3] if a != b) >= 7
+    assert offsets[3] == 2  # a point apart keeps its label where it is
 
 
 def test_compress_variants_run_the_compress_stage_and_plain_rows_do_not():
