@@ -686,6 +686,90 @@ def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[
     return out
 
 
+class NotReproduced(RuntimeError):
+    """A rerun for ``--restore-predictions`` did not give the scores its earlier row records."""
+
+
+def restore_pairs(old: pd.DataFrame, done: pd.DataFrame | None = None,
+                  only: list[str] | None = None) -> list[dict[str, Any]]:
+    """The (task, method) pairs of an earlier study whose per-example predictions are to be made again: its
+    selected runs only (each seed at the lr factor chosen then; the sweep's other runs need none), skipping
+    pairs ``done`` (a restore's own study.csv) already holds and, with ``only``, other labels."""
+    old = old.assign(selected=old["selected"].astype(str).str.lower().isin(["true", "1"]))
+    if only is not None:
+        missing = sorted(set(only) - set(old["method"]))
+        if missing:
+            raise ConfigError(f"--methods {missing[0]!r} is not a row of the study.csv to restore")
+    finished = set() if done is None else set(zip(done["task"], done["method"]))
+    pairs = []
+    for (task, label), g in old[old["selected"]].groupby(["task", "method"], sort=False):
+        if (task, label) in finished or (only is not None and label not in only):
+            continue
+        factors = sorted({float(f) for f in g["lr_factor"]})
+        if len(factors) != 1:
+            raise ConfigError(f"{task} {label}: its selected runs have lr factors {factors}, not one")
+        pairs.append({"task": task, "method": label, "seeds": sorted(int(x) for x in g["seed"]),
+                      "lr_factors": factors})
+    return pairs
+
+
+def check_reproduced(old: pd.DataFrame, new: pd.DataFrame) -> None:
+    """Every rerun's dev and validation scores equal, to the last digit, those of its earlier row (same task,
+    method, seed and lr factor): only then are its predictions those of the earlier run."""
+    keys = ["task", "method", "seed", "lr_factor"]
+    merged = new.merge(old, on=keys, how="left", suffixes=("", "_earlier"), indicator=True)
+    for _, r in merged.iterrows():
+        if r["_merge"] != "both":
+            raise NotReproduced(f"{r['task']} {r['method']} seed {r['seed']}: no earlier row to compare with")
+        for column in ("score", "validation_score"):
+            if float(r[column]) != float(r[f"{column}_earlier"]):
+                raise NotReproduced(
+                    f"{r['task']} {r['method']} seed {int(r['seed'])} lr factor {r['lr_factor']:g}: {column} "
+                    f"{float(r[column])!r} now, {float(r[f'{column}_earlier'])!r} in the earlier study: this "
+                    f"machine or code does not reproduce that run; run the row again instead")
+
+
+def restore(old_csv: str, root: Path, out_dir: str, command: str, overrides: dict[str, Any] | None = None,
+            only: list[str] | None = None, retries: int = 2) -> list[Path]:
+    """Per-example predictions for an earlier study whose ``predictions.parquet`` is gone (it stays on the
+    machine that ran it): each selected run is run again, one (task, method) pair at a time, and kept only if
+    it reproduces its row's scores exactly (:func:`check_reproduced`). ``<out_dir>/study.csv`` gets the
+    earlier rows of every restored pair, sweep included and unchanged (their ``git`` is the commit that made
+    the numbers), and ``predictions.parquet`` the reruns' predictions; a killed restore resumes at the next
+    pair. Then the report is drawn from them (:func:`rebuild`)."""
+    import shutil
+
+    old = pd.read_csv(old_csv)
+    out = root / out_dir
+    out_csv = out / "study.csv"
+    done = pd.read_csv(out_csv) if out_csv.is_file() else None
+    pairs = restore_pairs(old, done, only)
+    scratch = f"{out_dir}/.restore"
+    for pair in pairs:
+        print(f"restore: {pair['task']} {pair['method']}: seeds {pair['seeds']} at lr factor {pair['lr_factors'][0]:g}")
+        shutil.rmtree(root / scratch, ignore_errors=True)
+        study(methods=[], seeds=[], pairs=[pair], overrides=overrides, repo=str(root), out_dir=scratch,
+              command=command, retries=retries)
+        new = pd.read_csv(root / scratch / "study.csv")
+        check_reproduced(old, new)
+        rows = old[(old["task"] == pair["task"]) & (old["method"] == pair["method"])]
+        preds = paired.read(root / scratch / "predictions.parquet")
+        earlier = pd.read_csv(out_csv) if out_csv.is_file() else None
+        merged = with_earlier_rows(rows, earlier) if earlier is not None else rows
+        merged_preds = paired.with_earlier(preds, paired.read(out / "predictions.parquet"))
+        out.mkdir(parents=True, exist_ok=True)
+        paired.write(out / "predictions.parquet", merged_preds)  # predictions first: a study.csv row means done
+        with atomic_path(out_csv) as tmp:
+            merged.to_csv(tmp, index=False)
+    shutil.rmtree(root / scratch, ignore_errors=True)
+    if not out_csv.is_file():
+        raise ConfigError(f"--restore-predictions {old_csv}: no selected rows to restore")
+    commit = git_commit(root)[:12]
+    note = (f"Per-example predictions restored at git {commit} by running each selected run again; every rerun "
+            f"reproduced its row's dev and validation scores exactly (`--restore-predictions`).")
+    return rebuild([str(out_csv)], root, out_dir, command, overrides=overrides, note=note)
+
+
 def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int = paired.DRAWS,
             overrides: dict[str, Any] | None = None, only: list[str] | None = None, note: str = "") -> list[Path]:
     """The report of one or more earlier study.csv files (and the predictions beside each), without running
@@ -747,6 +831,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", nargs="+", metavar="STUDY_CSV",
                     help="run nothing: write the report of these study.csv files (merged, with the predictions "
                          "beside each) to --out; with --methods, of those rows only")
+    ap.add_argument("--restore-predictions", metavar="STUDY_CSV",
+                    help="run an earlier study's selected runs again to make the per-example predictions it lost "
+                         "(another machine ran it); each rerun must reproduce its row's scores exactly; the rows "
+                         "and predictions go to --out (resumable), then the report is drawn there")
     ap.add_argument("--note", default="", help="with --report: a sentence added to the report's header, where "
                                               "rows differ from the shared configuration (e.g. per task)")
     args = ap.parse_args(argv)
@@ -764,6 +852,22 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        print("\n".join(str(f) for f in files))
+        return 0
+    if args.restore_predictions:
+        if not Path(args.restore_predictions).is_file():
+            print(f"error: --restore-predictions {args.restore_predictions}: no such study.csv", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        try:
+            overrides = dict(parse_override(s) for s in args.set)
+            files = restore(args.restore_predictions, root, args.out, command, overrides=overrides,
+                            only=args.methods)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except NotReproduced as exc:
+            print(f"error: restore: {exc}", file=sys.stderr)
+            return 1
         print("\n".join(str(f) for f in files))
         return 0
     pairs = None

@@ -349,6 +349,22 @@ def test_study_sweeps_on_validation_and_reruns_from_the_cache(first, client):
     assert not any(r["trained"] for r in again)
     assert [r["score"] for r in again] == [r["score"] for r in rows]
 
+    # the predictions file lost (another machine): --restore-predictions makes the selected runs' again, from
+    # reruns that reproduce each row's scores exactly, and keeps every earlier row, sweep included
+    from flows.study import restore
+
+    (out / "predictions.parquet").unlink()
+    files = restore(str(out / "study.csv"), first.repo, "restored", command="test")
+    restored = first.repo / "restored"
+    assert not (restored / ".restore").exists() and (restored / "study.md") in files
+    assert pd.read_csv(restored / "study.csv")["score"].tolist() == [r["score"] for r in rows]
+    kept = pd.read_parquet(restored / "predictions.parquet")
+    chosen_runs = preds.merge(kept[["seed", "lr_factor"]].drop_duplicates(), on=["seed", "lr_factor"])
+    assert sorted(set(zip(kept["seed"], kept["lr_factor"]))) == sorted(
+        (r["seed"], r["lr_factor"]) for r in rows if r["selected"])
+    pd.testing.assert_frame_equal(kept.sort_values(["seed", "example"]).reset_index(drop=True),
+                                  chosen_runs.sort_values(["seed", "example"]).reset_index(drop=True))
+
 
 def test_worse_challenger_leaves_the_champion(first, client):
     res = pipeline(overrides={"registry.margin": 0.5}, repo=str(first.repo))

@@ -12,8 +12,10 @@ import flows.paired as paired
 from flows.study import (
     COLUMNS,
     STAGE_OVERHEAD_SECONDS,
+    NotReproduced,
     _place_labels,
     chart_label,
+    check_reproduced,
     choose_factor,
     estimate_seconds,
     extension_pairs,
@@ -21,6 +23,7 @@ from flows.study import (
     pareto_chart,
     parse_variant,
     peer_rows,
+    restore_pairs,
     shown_path,
     summary,
     sweep_order,
@@ -230,6 +233,37 @@ def test_chart_labels_of_coinciding_points_do_not_overlap():
     plt.close(fig)
     assert len(set(offsets[:3])) == 3 and min(abs(a - b) for a in offsets[:3] for b in offsets[:3] if a != b) >= 7
     assert offsets[3] == 2  # a point apart keeps its label where it is
+
+
+def test_restore_plans_each_pairs_selected_runs_and_skips_those_done():
+    rows = pd.DataFrame([_row("lora", 1, 0.80, 100, factor=0.5, selected=False), _row("lora", 1, 0.81, 100),
+                         _row("lora", 2, 0.82, 100, factor=0.5, selected=False), _row("lora", 2, 0.80, 100),
+                         _row("lora", 3, 0.79, 100), _row("bone", 1, 0.70, 100, factor=2.0)])
+    rows["selected"] = rows["selected"].astype(str)  # as read back from a study.csv
+    assert restore_pairs(rows) == [{"task": "sst2", "method": "lora", "seeds": [1, 2, 3], "lr_factors": [1.0]},
+                                   {"task": "sst2", "method": "bone", "seeds": [1], "lr_factors": [2.0]}]
+    assert [p["method"] for p in restore_pairs(rows, done=rows[rows["method"] == "lora"])] == ["bone"]
+    assert [p["method"] for p in restore_pairs(rows, only=["bone"])] == ["bone"]
+    with pytest.raises(ConfigError, match="'eva' is not a row"):
+        restore_pairs(rows, only=["eva"])
+    rows.loc[4, "lr_factor"] = 2.0  # a seed selected at another factor: not one study's choice
+    with pytest.raises(ConfigError, match="lr factors"):
+        restore_pairs(rows)
+
+
+def test_restore_keeps_a_rerun_only_if_it_reproduces_its_row_exactly():
+    old = pd.DataFrame([_row("lora", 1, 0.8125, 100), _row("lora", 2, 0.7975, 100)])
+    new = old.copy()
+    check_reproduced(old, new)
+    new.loc[1, "score"] = 0.7975000000000001  # one ulp is a different run, not noise to tolerate
+    with pytest.raises(NotReproduced, match="seed 2 lr factor 1: score"):
+        check_reproduced(old, new)
+    new = old.copy()
+    new.loc[0, "validation_score"] = 0.5
+    with pytest.raises(NotReproduced, match="validation_score"):
+        check_reproduced(old, new)
+    with pytest.raises(NotReproduced, match="no earlier row"):
+        check_reproduced(old.iloc[:1], old)
 
 
 def test_compress_variants_run_the_compress_stage_and_plain_rows_do_not():
