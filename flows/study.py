@@ -181,6 +181,9 @@ def study_row(result: dict[str, Any], params: Params, lr: float, factor: float, 
         "pct_bytes_of_lora_fp32": None if m.get("stored_bytes_ratio_to_lora_fp32") is None
         else 100 * m["stored_bytes_ratio_to_lora_fp32"],
         "compress_components": m.get("compress_components"), "compress_bits": m.get("compress_bits"),
+        # a structurally pruned base (LoRAPrune): merged parameters over the dense model's; a column only where
+        # some row has it (columns_of), so earlier study.csv layouts stay as they were
+        **({"params_ratio_to_dense": m["params_ratio_to_dense"]} if "params_ratio_to_dense" in m else {}),
     }
 
 
