@@ -11,8 +11,8 @@
 # `lora+compress[confidence=null]` is the ablation of the search's acceptance rule: each candidate judged on
 # its validation point estimate instead of a one-sided 95 % paired bound (the default, which no int4 adapter
 # passed on CoLA's noisy Matthews correlation).
-# Bone and Bat have no factor form to trim or quantise (the compress stage passes them through), so they
-# have no `+compress` row.
+# Bone and Bat have no factor form to trim or quantise, and LoRAPrune's product is the pruned base (its LoRA
+# lives at the pruned shapes): the compress stage passes all three through, so they have no `+compress` row.
 #
 #   reports/protocol/run.sh cola                       # from the repository root
 #   OMP_NUM_THREADS=1 reports/protocol/run.sh cola      # as run here: two checkouts, each a share of specs.txt
