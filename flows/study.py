@@ -768,8 +768,8 @@ def restore(old_csv: str, root: Path, out_dir: str, command: str, overrides: dic
     if not out_csv.is_file():
         raise ConfigError(f"--restore-predictions {old_csv}: no selected rows to restore")
     commit = git_commit(root)[:12]
-    note = (f"Per-example predictions restored at git {commit} by running each selected run again; every rerun "
-            f"reproduced its row's dev and validation scores exactly (`--restore-predictions`).")
+    note = (f"The rows restored by `--restore-predictions` (at git {commit}) have per-example predictions from "
+            f"reruns of their selected runs, each of which reproduced its row's dev and validation scores exactly.")
     return rebuild([str(out_csv)], root, out_dir, command, overrides=overrides, note=note)
 
 
