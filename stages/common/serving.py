@@ -50,7 +50,7 @@ class Served:
     input_example: Any
     model_config: dict[str, Any]
     pruned: bool = False  # per-layer widths: logged as a pyfunc that loads through lora_ops
-    labels: list[str] | None = None  # classifier/regressor label names (the pruned pyfunc sets them itself)
+    label_settings: dict[str, Any] | None = None  # a pruned classifier's: its pyfunc sets them at load time
 
 
 def label_names(task: Task) -> list[str]:
@@ -97,7 +97,13 @@ def needs_pruned_loader(model_dir: Path) -> bool:
 
 def build(model_dir: Path, task: Task, dev: pd.DataFrame | None = None) -> Served:
     """Load the merged folder (stock transformers) and wrap it in the task's pipeline."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        pipeline,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     example, sig = input_example(task, dev), signature(task)
@@ -110,12 +116,13 @@ def build(model_dir: Path, task: Task, dev: pd.DataFrame | None = None) -> Serve
         pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
         return Served("text-generation", pipe, sig, example, dict(GENERATION))
     if needs_pruned_loader(model_dir):
-        config = json.loads((model_dir / "config.json").read_text())
-        _check_outputs(model_dir, config.get("num_labels", len(config.get("id2label", {})) or 2), task)
-        return Served("text-classification", None, sig, example, {}, pruned=True, labels=label_names(task))
+        _check_outputs(model_dir, AutoConfig.from_pretrained(str(model_dir)).num_labels, task)
+        return Served("text-classification", None, sig, example, {}, pruned=True,
+                      label_settings=label_settings(label_names(task)))
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True).eval()
     _check_outputs(model_dir, model.config.num_labels, task)
-    label_config(model, label_names(task))
+    for key, value in label_settings(label_names(task)).items():
+        setattr(model.config, key, value)
     pipe = pipeline("text-classification", model=model, tokenizer=tokenizer)
     return Served("text-classification", pipe, sig, example, {})
 
@@ -127,13 +134,13 @@ def _check_outputs(model_dir: Path, outputs: int, task: Task) -> None:
                          f"{len(names)} labels: rerun merge for this task")
 
 
-def label_config(model: Any, names: list[str]) -> None:
-    """The task's label names on the model's config; one output named ``score`` is a regressor, whose
-    pipeline then returns the raw output (no sigmoid) as the score."""
-    model.config.id2label = dict(enumerate(names))
-    model.config.label2id = {n: i for i, n in enumerate(names)}
+def label_settings(names: list[str]) -> dict[str, Any]:
+    """Model-config settings that name the task's labels; one output named ``score`` is a regressor, whose
+    pipeline then returns the raw output (no sigmoid) as the score. Plain data: the pruned pyfunc carries it."""
+    settings: dict[str, Any] = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
     if names == [REGRESSION_LABEL]:
-        model.config.problem_type = "regression"
+        settings["problem_type"] = "regression"
+    return settings
 
 
 def pip_requirements() -> list[str]:
@@ -179,14 +186,14 @@ def _pruned_causal_lm() -> Any:
     return _PrunedCausalLM()
 
 
-def _pruned_classifier(labels: list[str]) -> Any:
+def _pruned_classifier(settings: dict[str, Any]) -> Any:
     """A pruned classifier (or regressor) behind the transformers text-classification pipeline, built at
     load time from lora_ops' loader: the same ``label``/``score`` rows as the transformers flavour."""
     import mlflow.pyfunc
 
     class _PrunedClassifier(mlflow.pyfunc.PythonModel):
-        def __init__(self, labels: list[str]) -> None:
-            self.labels = labels
+        def __init__(self, settings: dict[str, Any]) -> None:
+            self.settings = settings
 
         def load_context(self, context: Any) -> None:
             from transformers import AutoTokenizer, pipeline
@@ -194,11 +201,8 @@ def _pruned_classifier(labels: list[str]) -> Any:
             from lora_ops.pruning import load_pruned_model
 
             model = load_pruned_model(Path(context.artifacts["model"])).eval()
-            # as label_config does (not called: the served environment need not have `stages` importable)
-            model.config.id2label = dict(enumerate(self.labels))
-            model.config.label2id = {n: i for i, n in enumerate(self.labels)}
-            if self.labels == ["score"]:
-                model.config.problem_type = "regression"
+            for key, value in self.settings.items():
+                setattr(model.config, key, value)
             tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model"])
             self.pipeline = pipeline("text-classification", model=model, tokenizer=tokenizer)
 
@@ -212,7 +216,7 @@ def _pruned_classifier(labels: list[str]) -> Any:
                 inputs = list(model_input)
             return pd.DataFrame(self.pipeline(inputs), columns=["label", "score"])
 
-    return _PrunedClassifier(labels)
+    return _PrunedClassifier(settings)
 
 
 def log(served: Served, model_dir: Path, run_id: str) -> Any:
@@ -240,7 +244,8 @@ def _log_active(served: Served, model_dir: Path) -> Any:
     if served.pruned:
         import lora_ops
 
-        python_model = _pruned_causal_lm() if served.labels is None else _pruned_classifier(served.labels)
+        python_model = (_pruned_causal_lm() if served.label_settings is None
+                        else _pruned_classifier(served.label_settings))
         return mlflow.pyfunc.log_model(
             name="model", python_model=python_model, artifacts={"model": str(model_dir)},
             code_paths=[str(Path(lora_ops.__file__).parent)], signature=served.signature,
