@@ -186,18 +186,19 @@ def main() -> None:
         sample_batches = [{k: v[i:i + bs] for k, v in sample.items()} for i in range(0, n_sample, bs)]
         if product.compressed is None:  # the method's own figures describe its own layers, not the compressed pairs
             metrics.update(adapted.method.evaluation_extras(adapted.model, plan, adapted.ctx, sample_batches))
-        if "lora_sieve_pruning" in json.loads((Paths.merged_model / "config.json").read_text()):
-            metrics.update(pruned_size(merged, Paths.merged_model))
+        if hasattr(merged.config, "lora_sieve_pruning"):  # structurally pruned, whether or not stock-loadable
+            metrics.update(pruned_size(merged, adapted.model.config))
         finish(params, plan, task, run, metrics, prediction_frame(task, logits, dev["labels"]))
 
 
-def pruned_size(merged: torch.nn.Module, path: Path) -> dict:
-    """A structurally pruned classifier's parameters against the dense model its config describes: what
-    LoRAPrune saves is in the base (heads, MLP channels), which the adapter's byte columns do not show."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def pruned_size(merged: torch.nn.Module, base_config) -> dict:
+    """A structurally pruned classifier's parameters against the dense base (``base_config``: the unpruned
+    model's; a uniformly pruned folder's own config holds the narrowed widths): what LoRAPrune saves is in
+    the base (heads, MLP channels), which the adapter's byte columns do not show."""
+    from transformers import AutoModelForSequenceClassification
 
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        dense = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path))
+        dense = AutoModelForSequenceClassification.from_config(base_config)
     n_merged, n_dense = (sum(p.numel() for p in m.parameters()) for m in (merged, dense))
     return {"params_merged": n_merged, "params_dense": n_dense, "params_ratio_to_dense": n_merged / n_dense}
 
