@@ -697,7 +697,7 @@ def restore_pairs(old: pd.DataFrame, done: pd.DataFrame | None = None,
                   only: list[str] | None = None) -> list[dict[str, Any]]:
     """The (task, method) pairs of an earlier study whose per-example predictions are to be made again: its
     selected runs only (each seed at the lr factor chosen then; the sweep's other runs need none), skipping
-    pairs ``done`` (a restore's own study.csv) already holds and, with ``only``, other labels."""
+    pairs ``done`` (the predictions already at the restore's output) holds and, with ``only``, other labels."""
     old = old.assign(selected=old["selected"].astype(str).str.lower().isin(["true", "1"]))
     if only is not None:
         missing = sorted(set(only) - set(old["method"]))
@@ -738,15 +738,16 @@ def restore(old_csv: str, root: Path, out_dir: str, command: str, overrides: dic
     machine that ran it): each selected run is run again, one (task, method) pair at a time, and kept only if
     it reproduces its row's scores exactly (:func:`check_reproduced`). ``<out_dir>/study.csv`` gets the
     earlier rows of every restored pair, sweep included and unchanged (their ``git`` is the commit that made
-    the numbers), and ``predictions.parquet`` the reruns' predictions; a killed restore resumes at the next
-    pair. Then the report is drawn from them (:func:`rebuild`)."""
+    the numbers), and ``predictions.parquet`` the reruns' predictions; ``out_dir`` may be the study's own
+    folder (its study.csv is then left as it is). A pair counts as done once its predictions are there, so a
+    killed restore resumes at the next pair. Then the report is drawn (:func:`rebuild`)."""
     import shutil
 
     old = pd.read_csv(old_csv)
     out = root / out_dir
     out_csv = out / "study.csv"
-    done = pd.read_csv(out_csv) if out_csv.is_file() else None
-    pairs = restore_pairs(old, done, only)
+    in_place = out_csv.resolve() == Path(old_csv).resolve()  # the study's own folder: its rows stay as they are
+    pairs = restore_pairs(old, paired.read(out / "predictions.parquet"), only)
     scratch = f"{out_dir}/.restore"
     for pair in pairs:
         print(f"restore: {pair['task']} {pair['method']}: seeds {pair['seeds']} at lr factor {pair['lr_factors'][0]:g}")
@@ -755,15 +756,13 @@ def restore(old_csv: str, root: Path, out_dir: str, command: str, overrides: dic
               command=command, retries=retries)
         new = pd.read_csv(root / scratch / "study.csv")
         check_reproduced(old, new)
-        rows = old[(old["task"] == pair["task"]) & (old["method"] == pair["method"])]
-        preds = paired.read(root / scratch / "predictions.parquet")
-        earlier = pd.read_csv(out_csv) if out_csv.is_file() else None
-        merged = with_earlier_rows(rows, earlier) if earlier is not None else rows
-        merged_preds = paired.with_earlier(preds, paired.read(out / "predictions.parquet"))
         out.mkdir(parents=True, exist_ok=True)
-        paired.write(out / "predictions.parquet", merged_preds)  # predictions first: a study.csv row means done
-        with atomic_path(out_csv) as tmp:
-            merged.to_csv(tmp, index=False)
+        if not in_place:  # the pair's earlier rows, sweep included, beside any rows the output already holds
+            rows = old[(old["task"] == pair["task"]) & (old["method"] == pair["method"])]
+            with atomic_path(out_csv) as tmp:
+                (with_earlier_rows(rows, pd.read_csv(out_csv)) if out_csv.is_file() else rows).to_csv(tmp, index=False)
+        preds = paired.read(root / scratch / "predictions.parquet")  # written last: they mark the pair done
+        paired.write(out / "predictions.parquet", paired.with_earlier(preds, paired.read(out / "predictions.parquet")))
     shutil.rmtree(root / scratch, ignore_errors=True)
     if not out_csv.is_file():
         raise ConfigError(f"--restore-predictions {old_csv}: no selected rows to restore")

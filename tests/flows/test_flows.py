@@ -364,6 +364,12 @@ def test_study_sweeps_on_validation_and_reruns_from_the_cache(first, client):
         (r["seed"], r["lr_factor"]) for r in rows if r["selected"])
     pd.testing.assert_frame_equal(kept.sort_values(["seed", "example"]).reset_index(drop=True),
                                   chosen_runs.sort_values(["seed", "example"]).reset_index(drop=True))
+    # in place, in the restored study's own folder (a fresh clone of a committed study): rows kept, predictions back
+    rows_before = pd.read_csv(restored / "study.csv")
+    (restored / "predictions.parquet").unlink()
+    restore(str(restored / "study.csv"), first.repo, "restored", command="test")
+    pd.testing.assert_frame_equal(pd.read_csv(restored / "study.csv"), rows_before)
+    pd.testing.assert_frame_equal(pd.read_parquet(restored / "predictions.parquet"), kept)
 
 
 def test_worse_challenger_leaves_the_champion(first, client):
