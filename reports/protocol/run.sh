@@ -3,9 +3,10 @@
 # {0.5, 1, 2}x of its recipe on seeds 1-2 (the factor with the best mean validation score is chosen), then
 # seeds 3-5 at that factor; a 2,000-example validation split carved from train; the pipeline's defaults
 # otherwise (bf16 where native, fused AdamW, [CLS]-only last layer). One study invocation per row, appending
-# to reports/protocol/<task>/runs/study.csv (every run with its per-example predictions, committed). A rerun
-# resumes on any machine: a row whose five seeds runs/study.csv already holds is skipped (delete its rows to
-# run it again), and on the machine that ran them finished runs come back from DVC's run cache.
+# to reports/protocol/<task>/runs/study.csv (predictions.parquet beside it stays out of git: on a fresh
+# machine make it with `--restore-predictions reports/protocol/<task>/runs/study.csv --out reports/protocol/<task>/runs`).
+# A rerun resumes: a row whose five seeds runs/study.csv already holds is skipped (delete its rows to run it
+# again), and on the machine that ran them finished runs come back from DVC's run cache.
 # The PEFT-style SVD trim is the row `lora+compress[rank=svd,budget=energy,energy=0.9,bits=none]`: derived from
 # the same LoRA runs (the compress stage on LoRA's cached adapters), which `svd_trim` would train again.
 # `lora+compress[confidence=null]` is the ablation of the search's acceptance rule: each candidate judged on
