@@ -83,12 +83,22 @@ def write(path: Path, df: pd.DataFrame) -> None:
     write_parquet(path, typed(df))
 
 
-def with_earlier(new: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
-    """``earlier`` predictions first, without the (task, method) pairs ``new`` has run again (as study.csv's
-    ``--append``), then ``new``'s."""
+def not_rerun(earlier: pd.DataFrame, new: pd.DataFrame,
+              extended: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset()) -> list[bool]:
+    """Which of ``earlier``'s rows (study.csv rows or predictions) stand beside ``new``'s: those of (task, method)
+    pairs ``new`` has not run again; of a pair in ``extended`` (more seeds of the same runs), every row but the
+    runs ``new`` has again (same seed and lr factor)."""
     ran = set(zip(new["task"], new["method"]))
-    keep = earlier[[(t, m) not in ran for t, m in zip(earlier["task"], earlier["method"])]]
-    return combine([keep, new])
+    runs = set(zip(new["task"], new["method"], new["seed"].astype(int), new["lr_factor"].astype(float)))
+    return [(t, m) not in ran or ((t, m) in extended and (t, m, int(x), float(f)) not in runs)
+            for t, m, x, f in zip(earlier["task"], earlier["method"], earlier["seed"], earlier["lr_factor"])]
+
+
+def with_earlier(new: pd.DataFrame, earlier: pd.DataFrame,
+                 extended: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset()) -> pd.DataFrame:
+    """``earlier`` predictions first, without the (task, method) pairs ``new`` has run again (as study.csv's
+    ``--append``; a pair in ``extended`` keeps its earlier runs'), then ``new``'s."""
+    return combine([earlier[not_rerun(earlier, new, extended)] if len(earlier) else earlier, new])
 
 
 def selected(df: pd.DataFrame, preds: pd.DataFrame) -> pd.DataFrame:

@@ -18,10 +18,11 @@ DVC's run cache instead of trained again. Outputs::
     python -m flows.study --methods lora lora_drop bone bat dora_dr adalora blora --seeds 1 2 3 \\
         -S data.train_size=2000 -S train.epochs=3
 
-Sequential protocol: ``--extend-inconclusive reports/study.csv`` reruns only the (task, method) pairs
-of its inconclusive targets (both sides of each) with more seeds, up to 10; the earlier seeds come back
-from DVC's run cache and the other rows from the earlier study (as ``--append``). Before it starts, the
-study prints its estimated CPU time (:func:`estimate_seconds`).
+Sequential protocol: ``--extend-inconclusive reports/study.csv`` runs only the new seeds (five more, up to
+10) of the (task, method) pairs behind its inconclusive targets (the papers' and the compress targets; both
+sides of each), at the lr factor each pair's sweep chose; every earlier row and prediction is kept (as
+``--append``), so nothing earlier is rerun. Before it starts, the study prints its estimated CPU time
+(:func:`estimate_seconds`).
 
 The MLflow report run holds the files (its description points to them); the flow run carries the report as a
 Prefect markdown artifact and every run as a row of a table artifact (``lora-sieve-study-<deployment>-summary``
@@ -187,13 +188,14 @@ def study_row(result: dict[str, Any], params: Params, lr: float, factor: float, 
     }
 
 
-def with_earlier_rows(df: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
-    """``earlier`` rows first (without the (task, method) pairs ``df`` has run again), then ``df``'s."""
+def with_earlier_rows(df: pd.DataFrame, earlier: pd.DataFrame,
+                      extended: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset()) -> pd.DataFrame:
+    """``earlier`` rows first (without the (task, method) pairs ``df`` has run again), then ``df``'s. A pair in
+    ``extended`` (the sequential protocol's new seeds) keeps its earlier rows, less any run ``df`` has again."""
     for column in ("git", "params_hash"):
         if column not in earlier.columns:
             earlier = earlier.assign(**{column: None})
-    ran = set(zip(df["task"], df["method"]))
-    keep = earlier[[(t, m) not in ran for t, m in zip(earlier["task"], earlier["method"])]]
+    keep = earlier[paired.not_rerun(earlier, df, extended)]
     columns = list(dict.fromkeys([*COLUMNS, *earlier.columns, *df.columns]))
     out = pd.concat([keep.reindex(columns=columns), df.reindex(columns=columns)], ignore_index=True)
     out["selected"] = out["selected"].astype(str).str.lower().isin(["true", "1"])
@@ -636,18 +638,22 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     df = pd.DataFrame(rows, columns=columns_of(rows))
     preds = paired.combine(frames)
     ran = set(zip(df["task"], df["method"]))
+    extended = {(checked[(p.get("task"), str(p["method"]))].task.name, variants[str(p["method"])][0])
+                for p in pairs or [] if p.get("extends")}  # the sequential protocol's pairs: earlier seeds kept
     if append:
-        df = with_earlier_rows(df, pd.read_csv(append))
-        preds = paired.with_earlier(preds, earlier_predictions(append))
+        df = with_earlier_rows(df, pd.read_csv(append), extended)
+        preds = paired.with_earlier(preds, earlier_predictions(append), extended)
     out = root / out_dir
     p0 = next(iter(checked.values()))
     header = study_header(base_params(root, base, plan[0][0]), seeds, factors,
                           list(dict.fromkeys(str(c) for c in df["git"].dropna())), sweep_seeds)
     if append:
-        kept = sorted(set(df["method"]) - {m for _, m in ran})
+        kept = sorted(set(df["method"]) - {m for _, m in ran - extended})
         header += (f" Rows of {', '.join(kept)} kept from `{shown_path(append, root)}` (columns `git` and "
-                   f"`params_hash` of study.csv: the commit and configuration each row ran at); the rows of "
-                   f"{', '.join(methods)} ran now.")
+                   f"`params_hash` of study.csv: the commit and configuration each row ran at); ")
+        header += (f"the rows of {', '.join(methods)} ran now." if not extended else
+                   "the sequential protocol's new seeds ran now: " + "; ".join(
+                       f"{m} seeds {', '.join(map(str, ss))}" for _, m, ss, _ in plan) + ".")
     files, report = write_report(out, df, preds, header, command or "python -m flows.study ...")
     run_id = log_report_run(root, p0.tracking.experiment, files, df[df["selected"]], kind="study", tags={
                          "study": "true", "methods": ",".join(methods), "seeds": ",".join(map(str, seeds)),
@@ -675,17 +681,33 @@ def study_header(p: Params, seeds: list[int], factors: list[float], commits: lis
 
 
 def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[dict[str, Any]]:
-    """The sequential protocol's next step for an earlier study: its inconclusive targets' (task, method) pairs
-    with their seeds extended (:func:`flows.paired.extension`) and the lr factors their sweep tried."""
+    """The sequential protocol's next step for an earlier study: the (task, method) pairs behind its
+    inconclusive targets (the papers' and the compress targets, :func:`flows.paired.extension`), each with only
+    its *new* seeds, at the lr factor its sweep chose (the choice rests on the sweep seeds, which stay as they
+    are), so the earlier runs are neither rerun nor needed in DVC's cache. Each pair is marked ``extends``: its
+    earlier rows and predictions are kept beside the new ones. Raises ConfigError when a pair to extend lacks
+    the per-example predictions of a selected run (its difference could not be paired on those seeds)."""
     df = pd.read_csv(csv)
     df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
     preds = paired.selected(df, earlier_predictions(csv))
-    plan = paired.extension(df, targets(summary(df), preds), max_seeds)
+    s = summary(df)
+    checks = [*targets(s, preds), *frontier.compress_targets(s, preds, parse_variant, reference_method())]
+    plan = paired.extension(df, checks, max_seeds)
+    have = set(zip(preds["task"], preds["method"], preds["seed"].astype(int))) if not preds.empty else set()
     out = []
     for (task, label), seeds in plan.items():
-        g = df[(df["task"] == task) & (df["method"] == label)]
-        out.append({"task": task, "method": label, "seeds": seeds,
-                    "lr_factors": sorted({float(f) for f in g["lr_factor"]})})
+        chosen = df[(df["task"] == task) & (df["method"] == label) & df["selected"]]
+        factors = sorted({float(f) for f in chosen["lr_factor"]})
+        if len(factors) != 1:
+            raise ConfigError(f"{task} {label}: its selected runs have lr factors {factors}, not one")
+        earlier = sorted({int(x) for x in chosen["seed"]})
+        lacking = [x for x in earlier if (task, label, x) not in have]
+        if lacking:
+            raise ConfigError(f"{task} {label}: no per-example predictions for seed {lacking[0]} beside {csv}; "
+                              f"make them first with --restore-predictions {csv} --out {Path(csv).parent}")
+        new_seeds = [x for x in seeds if x not in earlier]
+        if new_seeds:
+            out.append({"task": task, "method": label, "seeds": new_seeds, "lr_factors": factors, "extends": True})
     return out
 
 
@@ -827,9 +849,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--append", metavar="STUDY_CSV",
                     help="keep the rows of an earlier study.csv (except the methods run now) in the report")
     ap.add_argument("--extend-inconclusive", metavar="STUDY_CSV",
-                    help="rerun only the (task, method) pairs of this study's inconclusive targets with more seeds "
-                         f"(5 more, up to {paired.MAX_SEEDS}), keeping its other rows; pass the same -S settings and "
-                         "--sweep-seeds as the study it extends (its earlier seeds then come from DVC's run cache)")
+                    help=f"run only the new seeds (5 more, up to {paired.MAX_SEEDS}) of the (task, method) pairs behind "
+                         "this study's inconclusive targets, at the lr factor each pair's sweep chose, keeping every "
+                         "earlier row and prediction; pass the same -S settings as the study it extends")
     ap.add_argument("--report", nargs="+", metavar="STUDY_CSV",
                     help="run nothing: write the report of these study.csv files (merged, with the predictions "
                          "beside each) to --out; with --methods, of those rows only")
@@ -877,7 +899,11 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.extend_inconclusive).is_file():
             print(f"error: --extend-inconclusive {args.extend_inconclusive}: no such study.csv", file=sys.stderr)
             return EXIT_BAD_INPUT
-        pairs = extension_pairs(args.extend_inconclusive)
+        try:
+            pairs = extension_pairs(args.extend_inconclusive)
+        except ConfigError as exc:
+            print(f"error: --extend-inconclusive: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if not pairs:
             print("study: no inconclusive target left to extend (or every one is at "
                   f"{paired.MAX_SEEDS} seeds)")

@@ -23,8 +23,9 @@
 # runs/ (several checkouts: one runs/study.csv each, all given to --report):
 #   python -m flows.study --report reports/protocol/cola/runs/study.csv -S data.validation_size=2000 --out reports/protocol/cola
 # and, for the (task, method) pairs whose verdicts stay inconclusive, up to 10 seeds:
-#   python -m flows.study --extend-inconclusive reports/protocol/cola/runs/study.csv --lr-factors 0.5 1 2 --sweep-seeds 2 \
+#   python -m flows.study --extend-inconclusive reports/protocol/cola/runs/study.csv \
 #       -S data.validation_size=2000 --out reports/protocol/cola/runs
+# (the new seeds only, at each pair's chosen lr factor; the predictions of its earlier seeds must be in runs/)
 set -u -f
 task=${1:?usage: reports/protocol/run.sh TASK}
 out=${OUT:-reports/protocol/$task/runs}

@@ -164,16 +164,50 @@ def test_targets_without_predictions_are_inconclusive_not_judged_on_means():
     assert "no per-example predictions on a common seed" in markdown(df, "# Method study", "cmd")
 
 
-def test_extension_reruns_only_inconclusive_pairs_on_both_sides(tmp_path):
+def test_extension_runs_only_new_seeds_of_inconclusive_pairs_on_both_sides(tmp_path):
     df, preds = _study()
     df.to_csv(tmp_path / "study.csv", index=False)
     paired.write(tmp_path / "predictions.parquet", preds)
     assert paired.read(tmp_path / "predictions.parquet").equals(preds)  # the file round-trips
     pairs = extension_pairs(tmp_path / "study.csv", max_seeds=10)
-    # blora vs lora is inconclusive: both get 5 more seeds (paired on common seeds); the lr sweep is kept
-    assert pairs == [{"task": "sst2", "method": "blora", "seeds": [1, 2, 3, 4, 5, 6, 7, 8], "lr_factors": [1.0]},
-                     {"task": "sst2", "method": "lora", "seeds": [1, 2, 3, 4, 5, 6, 7, 8], "lr_factors": [1.0, 2.0]}]
+    # blora vs lora is inconclusive: both get 5 more seeds (paired on common seeds), each at the lr factor its
+    # sweep chose (lora swept 1 and 2 on seed 1 and chose 1): the earlier runs are kept, not run again
+    assert pairs == [{"task": "sst2", "method": "blora", "seeds": [4, 5, 6, 7, 8], "lr_factors": [1.0], "extends": True},
+                     {"task": "sst2", "method": "lora", "seeds": [4, 5, 6, 7, 8], "lr_factors": [1.0], "extends": True}]
     assert extension_pairs(tmp_path / "study.csv", max_seeds=3) == []  # at the cap: nothing to extend
+    # a pair whose earlier predictions are gone cannot be paired on those seeds: restore them first
+    paired.write(tmp_path / "predictions.parquet", preds[~((preds["method"] == "blora") & (preds["seed"] == 2))])
+    with pytest.raises(ConfigError, match="blora: no per-example predictions for seed 2.*--restore-predictions"):
+        extension_pairs(tmp_path / "study.csv", max_seeds=10)
+
+
+def test_extension_covers_the_compress_targets(tmp_path):
+    # the PEFT-style trim and a smaller trimmed row that is 1 example worse on seed 1 only: inconclusive
+    runs = [_run("lora", x, _lora_predictions(x), 1000, stored_bytes=4000) for x in (1, 2, 3)]
+    trim = "lora+compress[rank=svd,budget=energy,energy=0.9,bits=none]"
+    runs += [_run(trim, x, _lora_predictions(x), 1000, stored_bytes=2000) for x in (1, 2, 3)]
+    runs += [_run("lora+compress", x, _shifted(x, -4 if x == 1 else 1), 1000, stored_bytes=1000) for x in (1, 2, 3)]
+    df = pd.DataFrame([r for r, _ in runs], columns=COLUMNS)
+    df.to_csv(tmp_path / "study.csv", index=False)
+    paired.write(tmp_path / "predictions.parquet", paired.combine([q for _, q in runs]))
+    pairs = {p["method"]: p["seeds"] for p in extension_pairs(tmp_path / "study.csv")}
+    assert pairs == {"lora+compress": [4, 5, 6, 7, 8], trim: [4, 5, 6, 7, 8]}
+
+
+def test_extended_pairs_keep_their_earlier_rows_and_predictions():
+    df, preds = _study()
+    new_rows, new_preds = zip(*[_run("blora", x, _lora_predictions(x), 1000) for x in (4, 5)])
+    new = pd.DataFrame(list(new_rows), columns=COLUMNS)
+    merged = with_earlier_rows(new, df, {("sst2", "blora")})
+    assert sorted(merged[merged["method"] == "blora"]["seed"]) == [1, 2, 3, 4, 5]
+    assert len(merged) == len(df) + 2
+    both = paired.with_earlier(paired.combine(list(new_preds)), preds, {("sst2", "blora")})
+    assert sorted(both[both["method"] == "blora"]["seed"].unique()) == [1, 2, 3, 4, 5] and len(both) == len(preds) + 2 * N
+    # without the mark (a pair run again from scratch) its earlier rows are replaced, as --append always did
+    assert sorted(with_earlier_rows(new, df)[lambda d: d["method"] == "blora"]["seed"]) == [4, 5]
+    # a run the extension has again (same seed and lr factor) replaces its earlier row, never doubles it
+    again = pd.DataFrame([_row("blora", 3, 0.5, 1000)], columns=COLUMNS)
+    assert (with_earlier_rows(again, df, {("sst2", "blora")})["method"] == "blora").sum() == 3
 
 
 def test_cpu_estimate_uses_measured_times_else_a_rough_step_cost():

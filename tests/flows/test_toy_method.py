@@ -137,6 +137,18 @@ def test_toy_method_through_params_shapes_stages_and_a_study(toy, tmp_path, monk
     assert (repo / "reports" / "study_pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert len(row["params_hash"]) == 12 and "git" in row
 
+    # the sequential protocol's extension: only the new seed runs; the earlier row and predictions stay
+    csv = str(repo / "reports" / "study.csv")
+    extended = study_flow.study.fn(methods=[], seeds=[], repo=str(repo), out_dir="reports/extended", append=csv,
+                                   pairs=[{"task": "sst2", "method": "toy", "seeds": [params.seed + 1],
+                                           "lr_factors": [1.0], "extends": True}])
+    assert [r["seed"] for r in extended["rows"]] == [params.seed + 1]
+    grown = pd.read_csv(repo / "reports" / "extended" / "study.csv")
+    assert sorted(grown["seed"]) == [params.seed, params.seed + 1] and grown["selected"].all()
+    grown_preds = pd.read_parquet(repo / "reports" / "extended" / "predictions.parquet")
+    assert sorted(grown_preds["seed"].unique()) == [params.seed, params.seed + 1]
+    assert "toy seeds " + str(params.seed + 1) in (repo / "reports" / "extended" / "study.md").read_text()
+
     # its per-example predictions, kept by the study, and its paper target as a paired claim against the
     # reference method's predictions (here: the toy's own run relabelled, a difference of exactly 0)
     df = pd.read_csv(repo / "reports" / "study.csv")
