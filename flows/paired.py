@@ -287,7 +287,18 @@ def seeds_of(df: pd.DataFrame, task: str, label: str) -> list[int]:
     return sorted({int(x) for x in g["seed"]})
 
 
-def extension(df: pd.DataFrame, checks: Sequence[TargetCheck], max_seeds: int = MAX_SEEDS
+@dataclass(frozen=True)
+class Undecided:
+    """An inconclusive paired verdict that is not a paper target (e.g. a row against the LoRA-by-rank frontier
+    point at its size): what :func:`extension` needs of it."""
+
+    task: str
+    method: str
+    against: str
+    verdict: str = INCONCLUSIVE
+
+
+def extension(df: pd.DataFrame, checks: Sequence[TargetCheck | Undecided], max_seeds: int = MAX_SEEDS
               ) -> dict[tuple[str, str], list[int]]:
     """The sequential protocol: the (task, method) pairs of the inconclusive targets, with the seeds each should
     have (its seeds, then the next unused ones, up to :func:`lora_ops.stats.seeds_to_extend`'s count). Both

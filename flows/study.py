@@ -19,8 +19,8 @@ DVC's run cache instead of trained again. Outputs::
         -S data.train_size=2000 -S train.epochs=3
 
 Sequential protocol: ``--extend-inconclusive reports/study.csv`` runs only the new seeds (five more, up to
-10) of the (task, method) pairs behind its inconclusive targets (the papers' and the compress targets; both
-sides of each), at the lr factor each pair's sweep chose; every earlier row and prediction is kept (as
+10) of the (task, method) pairs behind its inconclusive verdicts (the papers' and the compress targets, a
+row against the LoRA-by-rank frontier point at its size; both sides of each), at the lr factor each pair's sweep chose; every earlier row and prediction is kept (as
 ``--append``), so nothing earlier is rerun. Before it starts, the study prints its estimated CPU time
 (:func:`estimate_seconds`).
 
@@ -682,7 +682,8 @@ def study_header(p: Params, seeds: list[int], factors: list[float], commits: lis
 
 def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[dict[str, Any]]:
     """The sequential protocol's next step for an earlier study: the (task, method) pairs behind its
-    inconclusive targets (the papers' and the compress targets, :func:`flows.paired.extension`), each with only
+    inconclusive verdicts (the papers' and the compress targets, and a row against the LoRA-by-rank frontier
+    point at its size; :func:`flows.paired.extension`), each with only
     its *new* seeds, at the lr factor its sweep chose (the choice rests on the sweep seeds, which stay as they
     are), so the earlier runs are neither rerun nor needed in DVC's cache. Each pair is marked ``extends``: its
     earlier rows and predictions are kept beside the new ones. Raises ConfigError when a pair to extend lacks
@@ -691,7 +692,12 @@ def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[
     df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
     preds = paired.selected(df, earlier_predictions(csv))
     s = summary(df)
-    checks = [*targets(s, preds), *frontier.compress_targets(s, preds, parse_variant, reference_method())]
+    checks: list[paired.TargetCheck | paired.Undecided] = [
+        *targets(s, preds), *frontier.compress_targets(s, preds, parse_variant, reference_method())]
+    # "above the frontier" is a verdict too: the row against the frontier point at its size
+    checks += [paired.Undecided(p.task, p.label, p.at_size.label)
+               for p in frontier.place(s, preds, parse_variant, reference_method())
+               if p.at_size is not None and p.verdict == paired.INCONCLUSIVE]
     plan = paired.extension(df, checks, max_seeds)
     have = set(zip(preds["task"], preds["method"], preds["seed"].astype(int))) if not preds.empty else set()
     out = []
@@ -850,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the rows of an earlier study.csv (except the methods run now) in the report")
     ap.add_argument("--extend-inconclusive", metavar="STUDY_CSV",
                     help=f"run only the new seeds (5 more, up to {paired.MAX_SEEDS}) of the (task, method) pairs behind "
-                         "this study's inconclusive targets, at the lr factor each pair's sweep chose, keeping every "
+                         "this study's inconclusive verdicts (targets, frontier places), at the lr factor each pair's sweep chose, keeping every "
                          "earlier row and prediction; pass the same -S settings as the study it extends")
     ap.add_argument("--report", nargs="+", metavar="STUDY_CSV",
                     help="run nothing: write the report of these study.csv files (merged, with the predictions "

@@ -192,6 +192,15 @@ def test_extension_covers_the_compress_targets(tmp_path):
     paired.write(tmp_path / "predictions.parquet", paired.combine([q for _, q in runs]))
     pairs = {p["method"]: p["seeds"] for p in extension_pairs(tmp_path / "study.csv")}
     assert pairs == {"lora+compress": [4, 5, 6, 7, 8], trim: [4, 5, 6, 7, 8]}
+    # "above the frontier" is a verdict too: with LoRA stored int4 at 500 bytes (the frontier point at both
+    # rows' size), 2 examples worse on seed 1 only, their places against it are inconclusive: it is extended
+    int4 = "lora+compress[rank=none,bits=4]"
+    runs += [_run(int4, x, _shifted(x, -2 if x == 1 else 0), 1000, stored_bytes=500) for x in (1, 2, 3)]
+    df = pd.DataFrame([r for r, _ in runs], columns=COLUMNS)
+    df.to_csv(tmp_path / "study.csv", index=False)
+    paired.write(tmp_path / "predictions.parquet", paired.combine([q for _, q in runs]))
+    pairs = {p["method"]: p["seeds"] for p in extension_pairs(tmp_path / "study.csv")}
+    assert set(pairs) == {"lora+compress", trim, int4} and pairs[int4] == [4, 5, 6, 7, 8]
 
 
 def test_extended_pairs_keep_their_earlier_rows_and_predictions():
