@@ -809,6 +809,13 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
     ``note``: a sentence for the header where the rows differ from its shared configuration (e.g. per task)."""
     frames = [pd.read_csv(c) for c in csvs]
     df = pd.concat(frames, ignore_index=True)
+    twice = df[df.duplicated(paired.KEYS, keep=False)]
+    if len(twice):  # e.g. a study and its extension (which holds the study's rows too) given together
+        r = twice.iloc[0]
+        where = [shown_path(c, root) for c, f in zip(csvs, frames) if ((f[paired.KEYS] == r[paired.KEYS]).all(axis=1)).any()]
+        raise ConfigError(f"--report: the run {r['task']} {r['method']} seed {int(r['seed'])} lr factor "
+                          f"{float(r['lr_factor']):g} is in {len(where)} rows ({', '.join(where)}); give each run once "
+                          f"(an --extend-inconclusive or --append study.csv already holds the rows it kept)")
     if only is not None:
         missing = sorted(set(only) - set(df["method"]))
         if missing:
