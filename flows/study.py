@@ -20,9 +20,9 @@ DVC's run cache instead of trained again. Outputs::
 
 Sequential protocol: ``--extend-inconclusive reports/study.csv`` runs only the new seeds (five more, up to
 10) of the (task, method) pairs behind its inconclusive verdicts (the papers' and the compress targets, a
-row against the LoRA-by-rank frontier point at its size; both sides of each), at the lr factor each pair's sweep chose; every earlier row and prediction is kept (as
-``--append``), so nothing earlier is rerun. Before it starts, the study prints its estimated CPU time
-(:func:`estimate_seconds`).
+row against the LoRA-by-rank frontier point at its size; both sides of each), at the lr factor each pair's
+sweep chose; every earlier row and prediction is kept (as ``--append``), so nothing earlier is rerun.
+Before it starts, the study prints its estimated CPU time (:func:`estimate_seconds`).
 
 The MLflow report run holds the files (its description points to them); the flow run carries the report as a
 Prefect markdown artifact and every run as a row of a table artifact (``lora-sieve-study-<deployment>-summary``
@@ -683,11 +683,11 @@ def study_header(p: Params, seeds: list[int], factors: list[float], commits: lis
 def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[dict[str, Any]]:
     """The sequential protocol's next step for an earlier study: the (task, method) pairs behind its
     inconclusive verdicts (the papers' and the compress targets, and a row against the LoRA-by-rank frontier
-    point at its size; :func:`flows.paired.extension`), each with only
-    its *new* seeds, at the lr factor its sweep chose (the choice rests on the sweep seeds, which stay as they
-    are), so the earlier runs are neither rerun nor needed in DVC's cache. Each pair is marked ``extends``: its
-    earlier rows and predictions are kept beside the new ones. Raises ConfigError when a pair to extend lacks
-    the per-example predictions of a selected run (its difference could not be paired on those seeds)."""
+    point at its size; :func:`flows.paired.extension`), each with only its *new* seeds, at the lr factor its
+    sweep chose (the choice rests on the sweep seeds, which stay as they are), so the earlier runs are neither
+    rerun nor needed in DVC's cache. Each pair is marked ``extends``: its earlier rows and predictions are kept
+    beside the new ones. Raises ConfigError when a pair to extend lacks the per-example predictions of a
+    selected run (its difference could not be paired on those seeds)."""
     df = pd.read_csv(csv)
     df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
     preds = paired.selected(df, earlier_predictions(csv))
@@ -812,10 +812,11 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
     twice = df[df.duplicated(paired.KEYS, keep=False)]
     if len(twice):  # e.g. a study and its extension (which holds the study's rows too) given together
         r = twice.iloc[0]
-        where = [shown_path(c, root) for c, f in zip(csvs, frames) if ((f[paired.KEYS] == r[paired.KEYS]).all(axis=1)).any()]
+        where = [shown_path(c, root) for c, f in zip(csvs, frames)
+                 if (f[paired.KEYS] == r[paired.KEYS]).all(axis=1).any()]
         raise ConfigError(f"--report: the run {r['task']} {r['method']} seed {int(r['seed'])} lr factor "
-                          f"{float(r['lr_factor']):g} is in {len(where)} rows ({', '.join(where)}); give each run once "
-                          f"(an --extend-inconclusive or --append study.csv already holds the rows it kept)")
+                          f"{float(r['lr_factor']):g} is in {len(where)} rows ({', '.join(where)}); give each run "
+                          "once (an --extend-inconclusive or --append study.csv already holds the rows it kept)")
     if only is not None:
         missing = sorted(set(only) - set(df["method"]))
         if missing:
@@ -862,9 +863,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--append", metavar="STUDY_CSV",
                     help="keep the rows of an earlier study.csv (except the methods run now) in the report")
     ap.add_argument("--extend-inconclusive", metavar="STUDY_CSV",
-                    help=f"run only the new seeds (5 more, up to {paired.MAX_SEEDS}) of the (task, method) pairs behind "
-                         "this study's inconclusive verdicts (targets, frontier places), at the lr factor each pair's sweep chose, keeping every "
-                         "earlier row and prediction; pass the same -S settings as the study it extends")
+                    help=f"run only the new seeds (5 more, up to {paired.MAX_SEEDS}) of the (task, method) pairs "
+                         "behind this study's inconclusive verdicts (targets, places against the frontier), at the lr "
+                         "factor each pair's sweep chose, keeping every earlier row and prediction; pass the same -S "
+                         "settings as the study it extends")
     ap.add_argument("--report", nargs="+", metavar="STUDY_CSV",
                     help="run nothing: write the report of these study.csv files (merged, with the predictions "
                          "beside each) to --out; with --methods, of those rows only")
