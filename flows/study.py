@@ -815,7 +815,8 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
         where = [shown_path(c, root) for c, f in zip(csvs, frames)
                  if (f[paired.KEYS] == r[paired.KEYS]).all(axis=1).any()]
         raise ConfigError(f"--report: the run {r['task']} {r['method']} seed {int(r['seed'])} lr factor "
-                          f"{float(r['lr_factor']):g} is in {len(where)} rows ({', '.join(where)}); give each run "
+                          f"{float(r['lr_factor']):g} is in {int((twice[paired.KEYS] == r[paired.KEYS]).all(axis=1).sum())} "
+                          f"rows (of {', '.join(where)}); give each run "
                           "once (an --extend-inconclusive or --append study.csv already holds the rows it kept)")
     if only is not None:
         missing = sorted(set(only) - set(df["method"]))

@@ -124,7 +124,7 @@ def test_rebuild_merges_studies_and_draws_the_bytes_chart(tmp_path):
     with pytest.raises(ConfigError, match="lora_drop"):
         rebuild([str(tmp_path / "sst2" / "study.csv")], ROOT, str(tmp_path / "x"), "cmd", only=["lora_drop"])
     # a run given twice (a study and its extension, which holds the study's rows too) would count twice
-    with pytest.raises(ConfigError, match=r"the run sst2 lora seed 1 lr factor 1 is in 2 rows \(study.csv, study.csv\)"):
+    with pytest.raises(ConfigError, match=r"the run sst2 lora seed 1 lr factor 1 is in 2 rows \(of study.csv, study.csv\)"):
         rebuild([str(tmp_path / "sst2" / "study.csv")] * 2, ROOT, str(tmp_path / "x"), "cmd")
     pareto_chart(df.drop(columns=["stored_bytes"]), tmp_path / "params.png")  # an older study: parameters axis
     assert np.array_equal(LABELS[:4], [0, 1, 0, 1]) and N == 400
