@@ -702,19 +702,25 @@ def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[
     have = set(zip(preds["task"], preds["method"], preds["seed"].astype(int))) if not preds.empty else set()
     out = []
     for (task, label), seeds in plan.items():
-        chosen = df[(df["task"] == task) & (df["method"] == label) & df["selected"]]
-        factors = sorted({float(f) for f in chosen["lr_factor"]})
-        if len(factors) != 1:
-            raise ConfigError(f"{task} {label}: its selected runs have lr factors {factors}, not one")
-        earlier = sorted({int(x) for x in chosen["seed"]})
+        factor, earlier = chosen_runs(df[(df["task"] == task) & (df["method"] == label)], task, label)
         lacking = [x for x in earlier if (task, label, x) not in have]
         if lacking:
             raise ConfigError(f"{task} {label}: no per-example predictions for seed {lacking[0]} beside {csv}; "
                               f"make them first with --restore-predictions {csv} --out {Path(csv).parent}")
         new_seeds = [x for x in seeds if x not in earlier]
         if new_seeds:
-            out.append({"task": task, "method": label, "seeds": new_seeds, "lr_factors": factors, "extends": True})
+            out.append({"task": task, "method": label, "seeds": new_seeds, "lr_factors": [factor], "extends": True})
     return out
+
+
+def chosen_runs(g: pd.DataFrame, task: str, label: str) -> tuple[float, list[int]]:
+    """The lr factor and the seeds of one (task, method)'s selected runs (``g``: its rows with ``selected``
+    already boolean); a ConfigError when they ran at more than one factor."""
+    chosen = g[g["selected"]]
+    factors = sorted({float(f) for f in chosen["lr_factor"]})
+    if len(factors) != 1:
+        raise ConfigError(f"{task} {label}: its selected runs have lr factors {factors}, not one")
+    return factors[0], sorted({int(x) for x in chosen["seed"]})
 
 
 class NotReproduced(RuntimeError):
@@ -736,11 +742,8 @@ def restore_pairs(old: pd.DataFrame, done: pd.DataFrame | None = None,
     for (task, label), g in old[old["selected"]].groupby(["task", "method"], sort=False):
         if (task, label) in finished or (only is not None and label not in only):
             continue
-        factors = sorted({float(f) for f in g["lr_factor"]})
-        if len(factors) != 1:
-            raise ConfigError(f"{task} {label}: its selected runs have lr factors {factors}, not one")
-        pairs.append({"task": task, "method": label, "seeds": sorted(int(x) for x in g["seed"]),
-                      "lr_factors": factors})
+        factor, seeds = chosen_runs(g, task, label)
+        pairs.append({"task": task, "method": label, "seeds": seeds, "lr_factors": [factor]})
     return pairs
 
 
@@ -812,12 +815,14 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
     twice = df[df.duplicated(paired.KEYS, keep=False)]
     if len(twice):  # e.g. a study and its extension (which holds the study's rows too) given together
         r = twice.iloc[0]
-        where = [shown_path(c, root) for c, f in zip(csvs, frames)
-                 if (f[paired.KEYS] == r[paired.KEYS]).all(axis=1).any()]
+
+        def rows_of(f: pd.DataFrame) -> int:  # the rows of ``f`` that are this run
+            return int((f[paired.KEYS] == r[paired.KEYS]).all(axis=1).sum())
+
+        where = [shown_path(c, root) for c, f in zip(csvs, frames) if rows_of(f)]
         raise ConfigError(f"--report: the run {r['task']} {r['method']} seed {int(r['seed'])} lr factor "
-                          f"{float(r['lr_factor']):g} is in {int((twice[paired.KEYS] == r[paired.KEYS]).all(axis=1).sum())} "
-                          f"rows (of {', '.join(where)}); give each run "
-                          "once (an --extend-inconclusive or --append study.csv already holds the rows it kept)")
+                          f"{float(r['lr_factor']):g} is in {rows_of(df)} rows (of {', '.join(where)}); give each "
+                          "run once (an --extend-inconclusive or --append study.csv already holds the rows it kept)")
     if only is not None:
         missing = sorted(set(only) - set(df["method"]))
         if missing:

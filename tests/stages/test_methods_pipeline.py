@@ -97,7 +97,7 @@ def test_loraprune_on_a_classifier_scores_its_pruned_merge(tmp_path, monkeypatch
     config = json.loads((repo / "data/merge/model/config.json").read_text())
     assert "lora_sieve_pruning" in config
     assert metrics["max_abs_diff_unmerged_vs_merged"] < 1e-4  # the pruned merge equals the masked adapter
-    # what it saves is in the base: fewer parameters than the dense model its config describes
+    # what it saves is in the base: fewer parameters than the dense base model
     assert metrics["params_merged"] < metrics["params_dense"]
     assert metrics["params_ratio_to_dense"] == metrics["params_merged"] / metrics["params_dense"]
     predictions = pd.read_parquet(repo / "data/evaluate/predictions.parquet")
