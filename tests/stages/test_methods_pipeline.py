@@ -58,13 +58,20 @@ def test_method_runs_through_every_stage(method, tmp_path, monkeypatch):
     assert (predictions["prediction"] == predictions["label"]).mean() == pytest.approx(metrics["dev_accuracy"])
 
 
-def test_uncompressed_blora_is_scored_on_its_quantised_layers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("quantize_base", [False, True])
+def test_uncompressed_blora_is_scored_on_its_quantised_layers(quantize_base, tmp_path, monkeypatch):
     """Without the compress stage B-LoRA's artifact is its integer export: evaluate scores the fake-quantised
-    layers (what its BOPs count) and shows the float merge beside them."""
-    overrides = {**TINY, "method.name": "blora", "compress.rank": "none", "compress.bits": "none"}
+    layers (what its BOPs count) and shows the float merge beside them; with ``quantize_base`` (the paper's
+    setting) the base weight's quantiser is in the scored layers too."""
+    overrides = {**TINY, "method.name": "blora", "compress.rank": "none", "compress.bits": "none",
+                 "blora.quantize_base": quantize_base}
     repo, metrics, _ = _run_every_stage(overrides, tmp_path, monkeypatch)
     assert metrics["scored_model"].startswith("unmerged") and "float_merge_dev_accuracy" in metrics
     assert metrics["max_abs_diff_unmerged_vs_merged"] > 0  # the quantisers are really in what was scored
+    controller = json.loads((repo / "data/finetune/summary.json").read_text())["controller"]
+    bops = controller["bops"]  # the base counts at its learned width only when it is quantised
+    assert controller["quantize_base"] is quantize_base
+    assert (bops["base"] == bops["baseline_base"]) is (not quantize_base)
     predictions = pd.read_parquet(repo / "data/evaluate/predictions.parquet")
     assert (predictions["prediction"] == predictions["label"]).mean() == pytest.approx(metrics["dev_accuracy"])
 
