@@ -62,6 +62,7 @@ STAGES = ["resolve", "prepare", "calibrate", "score", "decide", "finetune", "com
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_BAD_INPUT = 2  # stages exit 2 on bad input (stages/common/runtime.py): retrying cannot help
 STATE_DIR = ".lora_sieve"
+FLOW_BACKUP = "params.yaml.flow-backup"  # params.yaml as configured, while a flow's overrides are applied to it
 
 
 class StageFailed(RuntimeError):
@@ -99,10 +100,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def configured_params_file(root: Path) -> Path:
+    """params.yaml as the user configured it. A flow run writes its overrides into params.yaml and keeps the
+    file as it was in the state folder until it ends; one that was killed leaves both behind (the next flow
+    run puts the kept file back). Either way the kept file is the configuration: a study that read the
+    overridden params.yaml would scale a killed run's learning rate again."""
+    backup = root / STATE_DIR / FLOW_BACKUP
+    return backup if backup.is_file() else root / "params.yaml"
+
+
 def validate_overrides(root: Path, overrides: dict[str, Any]) -> Params:
     """The params the run will use; raises :class:`ConfigError` naming the bad key."""
     try:
-        return load_params(root / "params.yaml", overrides)
+        return load_params(configured_params_file(root), overrides, root=root)
     except ConfigError as exc:
         shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "none"
         raise ConfigError(f"invalid params with overrides ({shown}): {exc}") from None
@@ -132,7 +142,7 @@ def workspace(root: Path, overrides: dict[str, Any]) -> Iterator[None]:
     state = root / STATE_DIR
     state.mkdir(exist_ok=True)
     params_file = root / "params.yaml"
-    backup = state / "params.yaml.flow-backup"
+    backup = state / FLOW_BACKUP
     with open(state / "flow.lock", "w") as lock:
         waited = False
         while True:

@@ -369,8 +369,10 @@ def _format(err: ValidationError, source: str, section: str = "") -> str:
     return f"{source}: " + "; ".join(parts)
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Read and validate params (plus dotted ``overrides``); raise :class:`ConfigError` with a one-line message."""
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
+                root: str | Path | None = None) -> Params:
+    """Read and validate params (plus dotted ``overrides``); raise :class:`ConfigError` with a one-line message.
+    Relative paths in them (``data.mirror``) are checked from ``root``, by default the file's folder."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the repository root")
@@ -400,7 +402,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         get_method(params.method.name).check_environment()
     except MissingDependency as exc:
         raise ConfigError(str(exc)) from None
-    _check_data_reachable(params, path.parent)
+    _check_data_reachable(params, Path(root) if root is not None else path.parent)
     _check_model(params)
     _check_precision(params)
     return params
