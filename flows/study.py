@@ -680,16 +680,22 @@ def study_header(p: Params, seeds: list[int], factors: list[float], commits: lis
             f"Rows ran at git {shown}; drawn {time.strftime('%Y-%m-%d')}.")
 
 
-def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[dict[str, Any]]:
+def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS,
+                    only: list[str] | None = None) -> list[dict[str, Any]]:
     """The sequential protocol's next step for an earlier study: the (task, method) pairs behind its
     inconclusive verdicts (the papers' and the compress targets, and a row against the LoRA-by-rank frontier
     point at its size; :func:`flows.paired.extension`), each with only its *new* seeds, at the lr factor its
     sweep chose (the choice rests on the sweep seeds, which stay as they are), so the earlier runs are neither
     rerun nor needed in DVC's cache. Each pair is marked ``extends``: its earlier rows and predictions are kept
     beside the new ones. Raises ConfigError when a pair to extend lacks the per-example predictions of a
-    selected run (its difference could not be paired on those seeds)."""
+    selected run (its difference could not be paired on those seeds). With ``only`` (row labels), just those
+    rows: checkouts side by side each take a share of one step, merged afterwards by ``--report``."""
     df = pd.read_csv(csv)
     df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
+    if only is not None:
+        missing = sorted(set(only) - set(df["method"]))
+        if missing:
+            raise ConfigError(f"--methods {missing[0]!r} is not a row of {csv}")
     preds = paired.selected(df, earlier_predictions(csv))
     s = summary(df)
     checks: list[paired.TargetCheck | paired.Undecided] = [
@@ -708,7 +714,7 @@ def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS) -> list[
             raise ConfigError(f"{task} {label}: no per-example predictions for seed {lacking[0]} beside {csv}; "
                               f"make them first with --restore-predictions {csv} --out {Path(csv).parent}")
         new_seeds = [x for x in seeds if x not in earlier]
-        if new_seeds:
+        if new_seeds and (only is None or label in only):
             out.append({"task": task, "method": label, "seeds": new_seeds, "lr_factors": [factor], "extends": True})
     return out
 
@@ -812,8 +818,12 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
     ``note``: a sentence for the header where the rows differ from its shared configuration (e.g. per task)."""
     frames = [pd.read_csv(c) for c in csvs]
     df = pd.concat(frames, ignore_index=True)
+    # a run in two files is one run when its rows agree in every column (a study and its extension, or two
+    # extensions of one study run side by side, all hold the study's rows): kept once. Rows that differ are
+    # two runs under one name (e.g. the same row run again in another checkout): refused, never averaged.
+    df = df.drop_duplicates(ignore_index=True)
     twice = df[df.duplicated(paired.KEYS, keep=False)]
-    if len(twice):  # e.g. a study and its extension (which holds the study's rows too) given together
+    if len(twice):
         r = twice.iloc[0]
 
         def rows_of(f: pd.DataFrame) -> int:  # the rows of ``f`` that are this run
@@ -821,8 +831,8 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
 
         where = [shown_path(c, root) for c, f in zip(csvs, frames) if rows_of(f)]
         raise ConfigError(f"--report: the run {r['task']} {r['method']} seed {int(r['seed'])} lr factor "
-                          f"{float(r['lr_factor']):g} is in {rows_of(df)} rows (of {', '.join(where)}); give each "
-                          "run once (an --extend-inconclusive or --append study.csv already holds the rows it kept)")
+                          f"{float(r['lr_factor']):g} has {rows_of(df)} different rows (in {', '.join(where)}); "
+                          "give each run once, or drop the rows that ran again")
     if only is not None:
         missing = sorted(set(only) - set(df["method"]))
         if missing:
@@ -830,7 +840,11 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
         df = df[df["method"].isin(only)].reset_index(drop=True)
     df = df.reindex(columns=list(dict.fromkeys([*COLUMNS, *df.columns])))
     df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
-    preds = paired.combine([earlier_predictions(c) for c in csvs])
+    preds = paired.combine([earlier_predictions(c) for c in csvs]).drop_duplicates(ignore_index=True)
+    if preds.duplicated([*paired.KEYS, "example"]).any():
+        r = preds[preds.duplicated([*paired.KEYS, "example"])].iloc[0]
+        raise ConfigError(f"--report: the run {r['task']} {r['method']} seed {int(r['seed'])} lr factor "
+                          f"{float(r['lr_factor']):g} has different per-example predictions in two of the files given")
     if only is not None and not preds.empty:
         preds = preds[preds["method"].isin(only)].reset_index(drop=True)
     # the header is made again from the configuration every row shares (params.yaml with ``overrides``, the
@@ -872,7 +886,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"run only the new seeds (5 more, up to {paired.MAX_SEEDS}) of the (task, method) pairs "
                          "behind this study's inconclusive verdicts (targets, places against the frontier), at the lr "
                          "factor each pair's sweep chose, keeping every earlier row and prediction; pass the same -S "
-                         "settings as the study it extends")
+                         "settings as the study it extends; with --methods, only those rows (a share for one of "
+                         "several checkouts: merge their outputs with --report)")
     ap.add_argument("--report", nargs="+", metavar="STUDY_CSV",
                     help="run nothing: write the report of these study.csv files (merged, with the predictions "
                          "beside each) to --out; with --methods, of those rows only")
@@ -921,12 +936,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --extend-inconclusive {args.extend_inconclusive}: no such study.csv", file=sys.stderr)
             return EXIT_BAD_INPUT
         try:
-            pairs = extension_pairs(args.extend_inconclusive)
+            pairs = extension_pairs(args.extend_inconclusive, only=args.methods)
         except ConfigError as exc:
             print(f"error: --extend-inconclusive: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         if not pairs:
-            print("study: no inconclusive target left to extend (or every one is at "
+            among = f" among --methods {' '.join(args.methods)}" if args.methods else ""
+            print(f"study: no inconclusive target left to extend{among} (or every one is at "
                   f"{paired.MAX_SEEDS} seeds)")
             return 0
         args.append = args.extend_inconclusive

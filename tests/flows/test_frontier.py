@@ -123,9 +123,28 @@ def test_rebuild_merges_studies_and_draws_the_bytes_chart(tmp_path):
     assert "## Where adapter capacity matters" in files[0].read_text()
     with pytest.raises(ConfigError, match="lora_drop"):
         rebuild([str(tmp_path / "sst2" / "study.csv")], ROOT, str(tmp_path / "x"), "cmd", only=["lora_drop"])
-    # a run given twice (a study and its extension, which holds the study's rows too) would count twice
-    with pytest.raises(ConfigError, match=r"the run sst2 lora seed 1 lr factor 1 is in 2 rows \(of study.csv, study.csv\)"):
-        rebuild([str(tmp_path / "sst2" / "study.csv")] * 2, ROOT, str(tmp_path / "x"), "cmd")
+    # a run in two files with the same row (a study and its extension, or two shares of one extension, all
+    # hold the study's rows) counts once: the report is the one-file report
+    once = rebuild([str(tmp_path / "sst2" / "study.csv")], ROOT, str(tmp_path / "once"), "cmd", draws=200)
+    twice = rebuild([str(tmp_path / "sst2" / "study.csv")] * 2, ROOT, str(tmp_path / "twice"), "cmd", draws=200)
+    assert [f.read_bytes() for f in twice[1:2] + twice[3:]] == [f.read_bytes() for f in once[1:2] + once[3:]]
+    # a run whose rows differ (run again elsewhere) is two runs under one name: refused, never averaged
+    again = tmp_path / "again"
+    again.mkdir()
+    rerun = df.assign(task="sst2")
+    rerun.loc[(rerun["method"] == "lora") & (rerun["seed"] == 1), "score"] += 0.01
+    rerun.to_csv(again / "study.csv", index=False)
+    paired.write(again / "predictions.parquet", preds.assign(task="sst2"))
+    with pytest.raises(ConfigError, match=r"the run sst2 lora seed 1 lr factor 1 has 2 different rows \(in study.csv, study.csv\)"):
+        rebuild([str(tmp_path / "sst2" / "study.csv"), str(again / "study.csv")], ROOT, str(tmp_path / "x"), "cmd")
+    # rows alike but predictions not: refused as well
+    rerun = preds.assign(task="sst2")
+    first = rerun.index[(rerun["method"] == "lora") & (rerun["seed"] == 1)][0]
+    rerun.loc[first, "prediction"] = 1 - rerun.loc[first, "prediction"]
+    df.assign(task="sst2").to_csv(again / "study.csv", index=False)
+    paired.write(again / "predictions.parquet", rerun)
+    with pytest.raises(ConfigError, match=r"the run sst2 lora seed 1 lr factor 1 has different per-example predictions"):
+        rebuild([str(tmp_path / "sst2" / "study.csv"), str(again / "study.csv")], ROOT, str(tmp_path / "x"), "cmd")
     pareto_chart(df.drop(columns=["stored_bytes"]), tmp_path / "params.png")  # an older study: parameters axis
     assert np.array_equal(LABELS[:4], [0, 1, 0, 1]) and N == 400
 

@@ -175,6 +175,10 @@ def test_extension_runs_only_new_seeds_of_inconclusive_pairs_on_both_sides(tmp_p
     assert pairs == [{"task": "sst2", "method": "blora", "seeds": [4, 5, 6, 7, 8], "lr_factors": [1.0], "extends": True},
                      {"task": "sst2", "method": "lora", "seeds": [4, 5, 6, 7, 8], "lr_factors": [1.0], "extends": True}]
     assert extension_pairs(tmp_path / "study.csv", max_seeds=3) == []  # at the cap: nothing to extend
+    # a share of the step for one of two checkouts: just the rows named; a name that is no row is refused
+    assert extension_pairs(tmp_path / "study.csv", max_seeds=10, only=["blora", "bone"]) == pairs[:1]
+    with pytest.raises(ConfigError, match="--methods 'blora_x' is not a row of"):
+        extension_pairs(tmp_path / "study.csv", max_seeds=10, only=["blora_x"])
     # a pair whose earlier predictions are gone cannot be paired on those seeds: restore them first
     paired.write(tmp_path / "predictions.parquet", preds[~((preds["method"] == "blora") & (preds["seed"] == 2))])
     with pytest.raises(ConfigError, match="blora: no per-example predictions for seed 2.*--restore-predictions"):
