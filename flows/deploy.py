@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.pipeline import EXIT_BAD_INPUT, ROOT, configured_params_file, validate_overrides
-from stages.common.params import ConfigError, load_params
+from flows.pipeline import EXIT_BAD_INPUT, ROOT, configured_params, validate_overrides
+from stages.common.params import ConfigError
 
 
 def deploy(repo: Path, pool: str, name: str, overrides: dict[str, Any], stages: list[str] | None,
@@ -31,7 +31,7 @@ def deploy(repo: Path, pool: str, name: str, overrides: dict[str, Any], stages: 
 
     validate_overrides(repo, overrides)  # a broken deployment fails now, not on the worker
     source = prefect_flow.from_source(source=str(repo), entrypoint="flows/pipeline.py:pipeline")
-    params = load_params(configured_params_file(repo), root=repo)
+    params = configured_params(repo)
     kwargs: dict[str, Any] = {}
     if cron:
         from prefect.schedules import Cron

@@ -100,19 +100,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def configured_params_file(root: Path) -> Path:
-    """params.yaml as the user configured it. A flow run writes its overrides into params.yaml and keeps the
-    file as it was in the state folder until it ends; one that was killed leaves both behind (the next flow
-    run puts the kept file back). Either way the kept file is the configuration: a study that read the
-    overridden params.yaml would scale a killed run's learning rate again."""
+def configured_params(root: Path, overrides: dict[str, Any] | None = None) -> Params:
+    """params.yaml as the user configured it (plus ``overrides``). A flow run writes its overrides into
+    params.yaml and keeps the file as it was in the state folder until it ends; one that was killed leaves
+    both behind (the next flow run puts the kept file back). Either way the kept file is the configuration:
+    a study that read the overridden params.yaml would scale a killed run's learning rate again."""
     backup = root / STATE_DIR / FLOW_BACKUP
-    return backup if backup.is_file() else root / "params.yaml"
+    return load_params(backup if backup.is_file() else root / "params.yaml", overrides, root=root)
 
 
 def validate_overrides(root: Path, overrides: dict[str, Any]) -> Params:
     """The params the run will use; raises :class:`ConfigError` naming the bad key."""
     try:
-        return load_params(configured_params_file(root), overrides, root=root)
+        return configured_params(root, overrides)
     except ConfigError as exc:
         shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "none"
         raise ConfigError(f"invalid params with overrides ({shown}): {exc}") from None

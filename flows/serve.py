@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.pipeline import EXIT_BAD_INPUT, ROOT, configured_params_file, pipeline, validate_overrides
-from stages.common.params import ConfigError, Params, load_params
+from flows.pipeline import EXIT_BAD_INPUT, ROOT, configured_params, pipeline, validate_overrides
+from stages.common.params import ConfigError, Params
 
 
 def schedule_params(repo: Path) -> Params:
     """params.yaml with its ``schedule.overrides`` validated (a broken schedule fails now, not at 2 am)."""
-    params = load_params(configured_params_file(repo), root=repo)
+    params = configured_params(repo)
     validate_overrides(repo, dict(params.schedule.overrides))
     return params
 

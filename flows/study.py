@@ -708,13 +708,15 @@ def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS,
     have = set(zip(preds["task"], preds["method"], preds["seed"].astype(int))) if not preds.empty else set()
     out = []
     for (task, label), seeds in plan.items():
+        if only is not None and label not in only:  # another checkout's share
+            continue
         factor, earlier = chosen_runs(df[(df["task"] == task) & (df["method"] == label)], task, label)
         lacking = [x for x in earlier if (task, label, x) not in have]
         if lacking:
             raise ConfigError(f"{task} {label}: no per-example predictions for seed {lacking[0]} beside {csv}; "
                               f"make them first with --restore-predictions {csv} --out {Path(csv).parent}")
         new_seeds = [x for x in seeds if x not in earlier]
-        if new_seeds and (only is None or label in only):
+        if new_seeds:
             out.append({"task": task, "method": label, "seeds": new_seeds, "lr_factors": [factor], "extends": True})
     return out
 
@@ -841,8 +843,9 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
     df = df.reindex(columns=list(dict.fromkeys([*COLUMNS, *df.columns])))
     df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
     preds = paired.combine([earlier_predictions(c) for c in csvs]).drop_duplicates(ignore_index=True)
-    if preds.duplicated([*paired.KEYS, "example"]).any():
-        r = preds[preds.duplicated([*paired.KEYS, "example"])].iloc[0]
+    conflicting = preds[preds.duplicated([*paired.KEYS, "example"])]
+    if len(conflicting):
+        r = conflicting.iloc[0]
         raise ConfigError(f"--report: the run {r['task']} {r['method']} seed {int(r['seed'])} lr factor "
                           f"{float(r['lr_factor']):g} has different per-example predictions in two of the files given")
     if only is not None and not preds.empty:
