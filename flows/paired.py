@@ -302,13 +302,15 @@ def extension(df: pd.DataFrame, checks: Sequence[TargetCheck | Undecided], max_s
               ) -> dict[tuple[str, str], list[int]]:
     """The sequential protocol: the (task, method) pairs of the inconclusive targets, with the seeds each should
     have (its seeds, then the next unused ones, up to :func:`lora_ops.stats.seeds_to_extend`'s count). Both
-    sides of a target are extended to the same count: a difference is only paired on the seeds both ran."""
+    sides of a target are extended to the same count: a difference is only paired on the seeds both ran, so
+    the step counts from the seeds the two sides share (LoRA at 10 seeds for one target still pairs with a
+    5-seed method on 5)."""
     wanted: dict[tuple[str, str], int] = {}
     for c in checks:
         if c.verdict != INCONCLUSIVE:
             continue
         sides = [(c.task, c.method), (c.task, c.against)]
-        n = max(len(seeds_of(df, *side)) for side in sides)
+        n = len(set(seeds_of(df, *sides[0])) & set(seeds_of(df, *sides[1])))
         more = seeds_to_extend({f"{c.task}/{c.method}": INCONCLUSIVE}, n, max_seeds=max_seeds)
         if not more:
             continue

@@ -185,6 +185,18 @@ def test_extension_runs_only_new_seeds_of_inconclusive_pairs_on_both_sides(tmp_p
         extension_pairs(tmp_path / "study.csv", max_seeds=10)
 
 
+def test_extension_counts_the_seeds_a_target_pairs_on_not_its_longer_side(tmp_path):
+    # LoRA already ran 5 more seeds for another target: blora vs lora is still paired on 3 seeds, so blora is
+    # extended to 8 (LoRA's seeds 4-8 are there); counting LoRA's 8 would have left blora at 3 for good
+    df, preds = _study()
+    more = [_run("lora", x, _lora_predictions(x), 1000) for x in (4, 5, 6, 7, 8)]
+    df = pd.concat([df, pd.DataFrame([r for r, _ in more], columns=COLUMNS)], ignore_index=True)
+    df.to_csv(tmp_path / "study.csv", index=False)
+    paired.write(tmp_path / "predictions.parquet", paired.combine([preds, *[q for _, q in more]]))
+    pairs = extension_pairs(tmp_path / "study.csv", max_seeds=10)
+    assert pairs == [{"task": "sst2", "method": "blora", "seeds": [4, 5, 6, 7, 8], "lr_factors": [1.0], "extends": True}]
+
+
 def test_extension_covers_the_compress_targets(tmp_path):
     # the PEFT-style trim and a smaller trimmed row that is 1 example worse on seed 1 only: inconclusive
     runs = [_run("lora", x, _lora_predictions(x), 1000, stored_bytes=4000) for x in (1, 2, 3)]
