@@ -8,11 +8,15 @@
 #
 #   reports/deep/run.sh                                # from the repository root
 #   OMP_NUM_THREADS=1 reports/deep/run.sh               # one thread: beside another study
+#   SPECS="lora lora+compress[rank=none,bits=4]" OUT=reports/deep/cola-a reports/deep/run.sh  # a share of the
+#       rows for one of two checkouts (a compress row beside the row whose training it reuses); merge the
+#       shares with --report reports/deep/cola-a/study.csv <the other share's csv> ... --out reports/deep/cola
 # Then: python -m flows.study --report reports/deep/cola/study.csv -S model.name=smollm2-135m ... --out reports/deep/cola
 set -u -f
 out=${OUT:-reports/deep/cola}
 python=${PYTHON:-.venv/bin/python}
-for spec in lora "lora[adapter.rank=2]" lora_drop lora_drop+compress "lora+compress[rank=none,bits=4]"; do
+read -r -a specs <<< "${SPECS:-lora lora[adapter.rank=2] lora_drop lora_drop+compress lora+compress[rank=none,bits=4]}"
+for spec in "${specs[@]}"; do
   append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
   echo "=== $(date +%T) cola: $spec"
   "$python" -m flows.study --tasks cola --methods "$spec" --seeds 1 2 3 4 5 6 --lr-factors 1 \
