@@ -288,11 +288,12 @@ def compress_targets(s: pd.DataFrame, preds: pd.DataFrame, parse: Parser, refere
                               0.0, f"{p.settings.get('compress.components')} components each", True,
                               diff(p.label, q.label))
     tested = [Target(t.what, d, t.threshold) for *_, t, d in pending if d is not None]
-    words = iter(v.verdict for v in verdicts(tested, alpha))
+    tests = iter(verdicts(tested, alpha))
     out = []
     for task, me, them, t, d in pending:
-        word = next(words) if d is not None else INCONCLUSIVE  # every tested claim takes its Holm verdict
-        out.append(paired.TargetCheck(task, me, them, t, d, NOT_MET if not t.condition_met else word))
+        test = next(tests) if d is not None else None  # every tested claim takes its Holm verdict
+        word = test.verdict if test is not None else INCONCLUSIVE
+        out.append(paired.TargetCheck(task, me, them, t, d, NOT_MET if not t.condition_met else word, test))
     return out
 
 
@@ -302,12 +303,14 @@ def targets_section(checks: Sequence[paired.TargetCheck]) -> list[str]:
     lines = ["", "## Compress targets", "",
              f"Paired claims `row − against > margin` (points), Holm-corrected over these {len(checks)}: **met** only "
              "when the whole corrected interval clears the margin, **not met** when it lies wholly on the wrong side "
-             "or the stated condition fails, else inconclusive.", "",
-             "| task | row | target | against | margin (pt) | measured | verdict |", "|---|---|---|---|---|---|---|"]
+             "or the stated condition fails, else inconclusive; the interval shown is the uncorrected 95 % one, the "
+             "test column the one-sided p-value on the mean's side against its Holm level.", "",
+             "| task | row | target | against | margin (pt) | measured | test: p vs Holm level | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in checks:
         seeds = f" ({paired.per_seed_text(c.difference)})" if c.difference is not None else ""
         lines.append(f"| {c.task} | {c.method} | {c.target.what} | {c.against} | {c.target.threshold:+g} | "
-                     f"{c.measured}{seeds} | {'**met**' if c.verdict == MET else c.shown} |")
+                     f"{c.measured}{seeds} | {c.holm} | {'**met**' if c.verdict == MET else c.shown} |")
     return lines
 
 

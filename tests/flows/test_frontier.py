@@ -83,6 +83,9 @@ def test_compress_targets_size_peer_and_criterion():
     assert crit.difference.mean == pytest.approx(2.0, abs=1e-4) and crit.verdict == "met"
     md = markdown(df, "# Study", "python -m flows.study", preds, draws=300)
     assert "## Against the LoRA-by-rank frontier" in md and "## Compress targets" in md
+    # each verdict shows the test behind it: p on the mean's side and its Holm level; met needs p <= level
+    test = by["lora+compress[rank=svd]", peft].holm
+    assert test.startswith("below: ") and "≤" in test and f"| {test} | **not met** |" in md
 
 
 def test_size_target_not_met_when_nothing_is_small_enough():

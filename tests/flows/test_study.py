@@ -133,7 +133,10 @@ def test_summary_targets_report_and_chart(tmp_path):
     assert "| sst2 | blora | lora | accuracy | -0.33 |" in md and "s1 -3.00, s2 +1.00, s3 +1.00" in md
     assert "| sst2: bat >= bone | bone | +0 | +1.00 [" in md
     assert "| sst2: bone within 1 pt of lora (equal params) | lora | -1 |" in md and "| **not met** |" in md
-    assert "55.0 % of LoRA's stored params (<= 60 %) | met |" in md
+    # the test column: the one-sided p on the mean's side against its Holm level (4 targets: 0.025 / 4, / 3, ...)
+    assert "55.0 % of LoRA's stored params (<= 60 %) | above: 0.0020 ≤ 0.0063 | met |" in md
+    assert "-3.25] pt, 3 seeds | below: 0.0020 ≤ 0.0063 | **not met** |" in md  # bone
+    assert "12 gates closed (> 0) | above: 0.2475 > 0.0125 | inconclusive |" in md  # blora
     assert md == markdown(df, "# Method study", "python -m flows.study --methods lora", preds, draws=500)
     pareto_chart(df, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
