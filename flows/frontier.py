@@ -215,7 +215,9 @@ def capacity_section(sweeps: Sequence[Capacity]) -> list[str]:
              "against the largest reaches 0 (not shown worse). *Shown enough*: the smallest rank whose dev is shown "
              f"within {MARGIN} point of the largest (interval's lower end ≥ −{MARGIN}); seed noise often leaves it at "
              "the largest rank. Tasks with the largest gap first: only where rank matters can a study separate "
-             "methods that allocate rank.", "",
+             "methods that allocate rank. In the last column a rank's dev is its mean over its own seeds, its "
+             "difference paired on the seeds it shares with the largest rank (the two can count different seeds).",
+             "",
              "| task | metric | gap: largest − smallest (pt) | verdict | not worse | shown enough | every rank − largest "
              "(pt) |", "|---|---|---|---|---|---|---|"]
     for c in sweeps:
