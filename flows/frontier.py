@@ -27,7 +27,7 @@ import pandas as pd
 
 from flows import paired
 from lora_ops.methods.base import PaperTarget
-from lora_ops.stats import INCONCLUSIVE, MET, NOT_MET, PairedDifference, Target, format_interval, verdicts
+from lora_ops.stats import INCONCLUSIVE, MET, NOT_MET, PairedDifference, format_interval
 
 #: non-inferiority margin (dev points) for "the same dev": the compress stage's default tolerance
 MARGIN = 0.5
@@ -242,7 +242,7 @@ def compress_targets(s: pd.DataFrame, preds: pd.DataFrame, parse: Parser, refere
       ``budget: energy``) against it, at ``> −margin``;
     * ``output`` against ``svd`` at the same fixed component count (``budget: components``), at ``> 0``.
     """
-    pending: list[tuple[str, str, str, PaperTarget, PairedDifference | None]] = []
+    pending: list[paired.Pending] = []
 
     def claim(task: str, row: str, against: str, what: str, margin: float, condition: str, held: bool,
               d: PairedDifference | None) -> None:
@@ -289,14 +289,7 @@ def compress_targets(s: pd.DataFrame, preds: pd.DataFrame, parse: Parser, refere
                         claim(str(task), p.label, q.label, "output criterion beats svd at the same components",
                               0.0, f"{p.settings.get('compress.components')} components each", True,
                               diff(p.label, q.label))
-    tested = [Target(t.what, d, t.threshold) for *_, t, d in pending if d is not None]
-    tests = iter(verdicts(tested, alpha))
-    out = []
-    for task, me, them, t, d in pending:
-        test = next(tests) if d is not None else None  # every tested claim takes its Holm verdict
-        word = test.verdict if test is not None else INCONCLUSIVE
-        out.append(paired.TargetCheck(task, me, them, t, d, NOT_MET if not t.condition_met else word, test))
-    return out
+    return paired.judged(pending, alpha)
 
 
 def targets_section(checks: Sequence[paired.TargetCheck]) -> list[str]:

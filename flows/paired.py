@@ -257,7 +257,7 @@ def check_targets(s: pd.DataFrame, preds: pd.DataFrame, alpha: float = 0.05, dra
     target's margin, Holm-corrected across every target of the report; a failed side-condition is *not met*;
     a target without predictions of both methods is *inconclusive*."""
     reference = reference_method()
-    pending: list[tuple[str, str, str, PaperTarget, PairedDifference | None]] = []
+    pending: list[Pending] = []
     for task, g in s.groupby("task", sort=False):
         by: dict[str, Any] = {}
         for _, r in g.iterrows():  # a method's first row (plain, or its first variant) stands for it
@@ -275,6 +275,16 @@ def check_targets(s: pd.DataFrame, preds: pd.DataFrame, alpha: float = 0.05, dra
                     continue
                 me, them = str(by[name]["method"]), str(by[other]["method"])
                 pending.append((str(task), me, them, t, difference(preds, str(task), me, them, metric, draws)))
+    return judged(pending, alpha)
+
+
+Pending = tuple[str, str, str, PaperTarget, PairedDifference | None]  # task, method, against, target, difference
+
+
+def judged(pending: Sequence[Pending], alpha: float = 0.05) -> list[TargetCheck]:
+    """One Holm family: every claim with a difference is tested together; one without (no common seed) is
+    inconclusive; a failed side-condition is *not met* whatever its test says (the test still takes its place
+    in the family, so the other claims keep their own levels)."""
     tested = [Target(t.what, d, t.threshold) for *_, t, d in pending if d is not None]
     tests = iter(verdicts(tested, alpha))
     out = []

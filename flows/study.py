@@ -680,6 +680,13 @@ def study_header(p: Params, seeds: list[int], factors: list[float], commits: lis
             f"Rows ran at git {shown}; drawn {time.strftime('%Y-%m-%d')}.")
 
 
+def unknown_label(only: list[str] | None, df: pd.DataFrame, what: str) -> None:
+    """A ConfigError naming the first ``--methods`` label that is no row of ``df`` (``what`` says where)."""
+    missing = sorted(set(only or []) - set(df["method"]))
+    if missing:
+        raise ConfigError(f"--methods {missing[0]!r} {what}")
+
+
 def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS,
                     only: list[str] | None = None) -> list[dict[str, Any]]:
     """The sequential protocol's next step for an earlier study: the (task, method) pairs behind its
@@ -692,10 +699,7 @@ def extension_pairs(csv: str | Path, max_seeds: int = paired.MAX_SEEDS,
     rows: checkouts side by side each take a share of one step, merged afterwards by ``--report``."""
     df = pd.read_csv(csv)
     df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
-    if only is not None:
-        missing = sorted(set(only) - set(df["method"]))
-        if missing:
-            raise ConfigError(f"--methods {missing[0]!r} is not a row of {csv}")
+    unknown_label(only, df, f"is not a row of {csv}")
     preds = paired.selected(df, earlier_predictions(csv))
     s = summary(df)
     checks: list[paired.TargetCheck | paired.Undecided] = [
@@ -741,10 +745,7 @@ def restore_pairs(old: pd.DataFrame, done: pd.DataFrame | None = None,
     selected runs only (each seed at the lr factor chosen then; the sweep's other runs need none), skipping
     pairs ``done`` (the predictions already at the restore's output) holds and, with ``only``, other labels."""
     old = old.assign(selected=old["selected"].astype(str).str.lower().isin(["true", "1"]))
-    if only is not None:
-        missing = sorted(set(only) - set(old["method"]))
-        if missing:
-            raise ConfigError(f"--methods {missing[0]!r} is not a row of the study.csv to restore")
+    unknown_label(only, old, "is not a row of the study.csv to restore")
     finished = set() if done is None else set(zip(done["task"], done["method"]))
     pairs = []
     for (task, label), g in old[old["selected"]].groupby(["task", "method"], sort=False):
@@ -836,9 +837,7 @@ def rebuild(csvs: list[str], root: Path, out_dir: str, command: str, draws: int 
                           f"{float(r['lr_factor']):g} has {rows_of(df)} different rows (in {', '.join(where)}); "
                           "give each run once, or drop the rows that ran again")
     if only is not None:
-        missing = sorted(set(only) - set(df["method"]))
-        if missing:
-            raise ConfigError(f"--methods {missing[0]!r} is in none of the study.csv files given to --report")
+        unknown_label(only, df, "is in none of the study.csv files given to --report")
         df = df[df["method"].isin(only)].reset_index(drop=True)
     df = df.reindex(columns=list(dict.fromkeys([*COLUMNS, *df.columns])))
     df["selected"] = df["selected"].astype(str).str.lower().isin(["true", "1"])
