@@ -17,7 +17,9 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -45,7 +47,20 @@ def parse(pairs: list[str]) -> dict:
     return out
 
 
-def run_variant(overrides: dict, steps: int) -> dict:
+@dataclass
+class TrainedVariant:
+    """A variant trained as the finetune stage would (no files): its model and what it was scored with."""
+
+    params: Any
+    method: Any
+    adapted: Any
+    controller: Any
+    result: Any
+    seconds: float
+
+
+def train_variant(overrides: dict, steps: int | None) -> TrainedVariant:
+    """Train ``overrides`` on the prepared split; ``steps=None`` keeps the params' own budget."""
     params = load_params(overrides=overrides)
     method, ctx = method_context(params)
     if method.needs_calibration:
@@ -55,21 +70,30 @@ def run_variant(overrides: dict, steps: int) -> dict:
     adapted = build_adapted(params, plan)
     task, tok = task_of(params), adapted.loaded.tokenizer
     train_f = tokenize(read_parquet(Paths.train), task, tok, params.model.max_length)
-    val_f = tokenize(read_parquet(Paths.validation), task, tok, params.model.max_length)
     data = BatchSource(train_f, params.train.batch_size, seed=runtime.derive_seed(params.seed, "data") % 2**31,
                        group_by_length=params.train.group_by_length)
     cfg = adapted.ctx.train
-    cfg.max_steps, cfg.progress, cfg.select_metric = steps, False, select_metric(params)
-    cfg.epochs = max(cfg.epochs, -(-steps // len(data)))
+    cfg.progress, cfg.select_metric = False, select_metric(params)
+    if steps is not None:
+        cfg.max_steps = steps
+        cfg.epochs = max(cfg.epochs, -(-steps // len(data)))
     controller = method.controller(adapted.model, plan, adapted.ctx)
     runtime.seed_everything(runtime.derive_seed(params.seed, "dropout", 0))
     started = time.perf_counter()
     result = train(adapted.model, data, cfg, controller=controller)
+    return TrainedVariant(params, method, adapted, controller, result, round(time.perf_counter() - started, 1))
+
+
+def run_variant(overrides: dict, steps: int) -> dict:
+    run = train_variant(overrides, steps)
+    params, adapted, result = run.params, run.adapted, run.result
+    task = task_of(params)
+    val_f = tokenize(read_parquet(Paths.validation), task, adapted.loaded.tokenizer, params.model.max_length)
     metrics = evaluate_features(adapted.model, val_f, task, params.evaluate.batch_size, adapted.ctx.device)
-    summary = controller.summary()
-    out = {"validation": metrics, "steps": result.steps, "seconds": round(time.perf_counter() - started, 1),
+    summary = run.controller.summary()
+    out = {"validation": metrics, "steps": result.steps, "seconds": run.seconds,
            "final_loss_mean_last10": sum(r["loss"] for r in result.history[-10:]) / min(10, len(result.history)),
-           "parameters": method.parameter_counts(adapted.model)}
+           "parameters": run.method.parameter_counts(adapted.model)}
     if "bops" in summary:
         out.update(bops_ratio_adapter=summary["bops"]["ratio_adapter"], mean_rank=summary["mean_rank"])
     if "active_components" in summary:
