@@ -11,9 +11,9 @@ sets them) and reports validation and dev against the unquantised model, paired 
 differences with a hierarchical bootstrap interval over seeds and examples). The adapter branch stays
 in float: only what ``quantize_base`` adds is quantised.
 
-Needs ``data/prepare`` for the same data overrides (``dvc repro prepare`` first)::
+Needs ``data/prepare`` for the same data overrides (``dvc exp run -S ... prepare`` first)::
 
-    dvc repro prepare -S task.name=cola -S data.validation_size=2000
+    dvc exp run -S task.name=cola -S data.validation_size=2000 prepare
     python benchmarks/blora_base_bits.py -S task.name=cola -S data.validation_size=2000 --seeds 1 2
 
 Writes ``results/blora_base_bits.{json,md}``; a run already in the json is not trained again.

@@ -2,7 +2,7 @@
 
 The quick way to see what a recipe setting does before a study: the finetune stage's model, data,
 recipe and controller, without DVC, MLflow or files. It needs ``data/prepare`` (run
-``dvc repro prepare`` with the same data overrides first) and prints one JSON line per variant::
+``dvc exp run -S ... prepare`` with the same data overrides first) and prints one JSON line per variant::
 
     python benchmarks/recipe_ablation.py --method adalora --steps 189 -S data.train_size=2000 \\
         --variant 'adalora.recipe.group_lr={}' --variant 'adalora.recipe.group_lr={gates: 5.0e-2}'
