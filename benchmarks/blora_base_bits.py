@@ -46,6 +46,7 @@ from stages.common.context import task_of  # noqa: E402
 from stages.common.evaluation import predict  # noqa: E402
 from stages.common.features import tokenize  # noqa: E402
 from stages.common.io import read_parquet  # noqa: E402
+from stages.common.params import load_params  # noqa: E402
 from stages.common.paths import Paths  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -213,14 +214,13 @@ def main() -> None:
         tmp.write_text(json.dumps(stored))
         tmp.replace(path)  # a killed run keeps the seeds already done
     runs = sorted((r for r in stored["runs"] if r["seed"] in args.seeds), key=lambda r: r["seed"])
-    from stages.common.params import load_params
-
     metric_name = task_of(load_params(overrides=params_overrides)).main_metric
     text = report(runs, metric_name)
-    args.out.with_suffix(".md").write_text(f"# B-LoRA's base quantisers on a trained LoRA\n\n"
-                                            f"`python benchmarks/blora_base_bits.py {' '.join('-S ' + s for s in args.set)} "
-                                            f"--seeds {' '.join(map(str, args.seeds))}"
-                                            f"{'' if args.steps is None else f' --steps {args.steps}'}`\n\n{text}")
+    sets = " ".join("-S " + item for item in args.set)
+    command = (f"dvc exp run {sets} prepare\npython benchmarks/blora_base_bits.py {sets} "
+               f"--seeds {' '.join(map(str, args.seeds))}{'' if args.steps is None else f' --steps {args.steps}'}")
+    args.out.with_suffix(".md").write_text(f"# B-LoRA's base quantisers on a trained LoRA\n\n```bash\n{command}\n```\n\n"
+                                           f"{text}")
     print(text)
 
 
