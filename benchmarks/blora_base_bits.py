@@ -2,12 +2,13 @@
 
 B-LoRA with ``quantize_base: true`` fake-quantises, in every adapted layer, the base weight and bias
 (``Q_W``), the base output (``Q_h``) and the layer's output (``Q_o``), each per tensor with learned bit
-gates. On CoLA its runs end at the majority class. This asks whether any adapter could survive the bit
-widths those gates reach: it trains plain LoRA with the pipeline's recipe (no quantiser in training),
-then scores it with the adapted layers' frozen path run through the very same quantiser
+gates. On CoLA its runs end at the majority class. This asks what the bit widths those gates reach cost
+a model that did learn the task: it trains plain LoRA with the pipeline's recipe (no quantiser in
+training; the last state, no best-epoch selection), then scores it with the adapted layers' frozen path
+run through the very same quantiser
 (:class:`lora_ops.quant.BayesianBitsQuantizer`, gates fixed at one bit width of its grid; ``Q_W``'s range
 from the weight, ``Q_h`` / ``Q_o`` from min/max over the calibration sample, as B-LoRA's calibrate stage
-sets them) and reports validation and dev against the unquantised model, paired by seed (dev
+sets them, then fixed: B-LoRA trains its ranges, which this does not) and reports validation and dev against the unquantised model, paired by seed (dev
 differences with a hierarchical bootstrap interval over seeds and examples). The adapter branch stays
 in float: only what ``quantize_base`` adds is quantised.
 
@@ -109,7 +110,8 @@ def quantized_base(model: nn.Module, parts: Sequence[str], bits: Sequence[int], 
     """Swap every adapter layer for its :class:`QuantizedBasePath` at ``width`` bits; activation ranges
     are observed on ``calibration`` first (float forward, as B-LoRA's calibrate stage)."""
     layers = adapter_layers(model)
-    swapped = {name: QuantizedBasePath(layer, {p: fixed_quantizer(bits, width) for p in parts})
+    swapped = {name: QuantizedBasePath(layer, {p: fixed_quantizer(bits, width).to(layer.base.weight.device)
+                                               for p in parts})
                for name, layer in layers.items()}
     for name, module in swapped.items():
         _set_module(model, name, module)
@@ -137,6 +139,11 @@ def quantized_base(model: nn.Module, parts: Sequence[str], bits: Sequence[int], 
             _set_module(model, name, layer)
 
 
+def variant_keys(widths: Sequence[int]) -> list[str]:
+    """The variants scored per seed, in report order: ``<parts>@<bits>``."""
+    return [f"{parts}@{width}" for parts in PARTS for width in widths]
+
+
 def run_seed(overrides: dict, seed: int, widths: Sequence[int], steps: int | None) -> dict:
     """Train LoRA at ``seed``, then predict validation and dev for the float model and every variant."""
     run = train_variant({**overrides, "seed": seed}, steps=steps)
@@ -155,13 +162,13 @@ def run_seed(overrides: dict, seed: int, widths: Sequence[int], steps: int | Non
     out = {"seed": seed, "train_seconds": run.seconds, "steps": run.result.steps,
            "labels": {name: f["labels"].tolist() for name, f in splits.items()},
            "float": predictions(), "variants": {}}
-    for parts_name, parts in PARTS.items():
-        for width in widths:
-            sample, _ = calibration_sample(params, tok)
-            batches = ({k: v.to(device) for k, v in sample.collate(idx).items()} for idx in sample.batch_indices())
-            with quantized_base(model, parts, bits, width, batches):
-                out["variants"][f"{parts_name}@{width}"] = predictions()
-            print(f"seed {seed}: {parts_name} at {width} bits done", flush=True)
+    for key in variant_keys(widths):
+        parts_name, width = key.split("@")
+        sample, _ = calibration_sample(params, tok)
+        batches = ({k: v.to(device) for k, v in sample.collate(idx).items()} for idx in sample.batch_indices())
+        with quantized_base(model, PARTS[parts_name], bits, int(width), batches):
+            out["variants"][key] = predictions()
+        print(f"seed {seed}: {parts_name} at {width} bits done", flush=True)
     return out
 
 
@@ -206,6 +213,11 @@ def main() -> None:
     stored = json.loads(path.read_text()) if path.exists() else {"overrides": overrides, "runs": []}
     if stored["overrides"] != overrides:
         raise SystemExit(f"{path} holds runs with other overrides {stored['overrides']}: pass another --out")
+    wanted = variant_keys(args.widths)
+    for run in stored["runs"]:
+        if run["seed"] in args.seeds and list(run["variants"]) != wanted:
+            raise SystemExit(f"{path}: seed {run['seed']} was scored at other widths "
+                             f"({sorted({int(k.split('@')[1]) for k in run['variants']})}): pass those --widths or another --out")
     for seed in args.seeds:
         if any(r["seed"] == seed for r in stored["runs"]):
             continue
