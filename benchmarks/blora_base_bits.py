@@ -28,6 +28,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -55,10 +56,16 @@ RESULTS = ROOT / "benchmarks" / "results"
 PARTS = {"W": ("W",), "h+o": ("h", "o"), "W+h+o": ("W", "h", "o")}
 
 
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 2, before anything is written."""
+    print(f"blora_base_bits: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def fixed_quantizer(bits: Sequence[int], width: int) -> BayesianBitsQuantizer:
     """B-LoRA's quantiser with its gates pinned so the deterministic read-out is ``width`` bits."""
     if width not in bits:
-        raise SystemExit(f"{width} bits is not on B-LoRA's grid {list(bits)}")
+        fail(f"{width} bits is not on B-LoRA's grid {list(bits)}")
     q = BayesianBitsQuantizer(bits, learn_range=False)
     on = list(bits).index(width)  # gates z_4.. up to this level on, the rest off
     with torch.no_grad():
@@ -150,7 +157,7 @@ def run_seed(overrides: dict, seed: int, widths: Sequence[int], steps: int | Non
     params, model = run.params, run.adapted.model
     task, tok = task_of(params), run.adapted.loaded.tokenizer
     if task.is_regression:
-        raise SystemExit("this ablation scores classification tasks (argmax predictions)")
+        fail("this ablation scores classification tasks (argmax predictions)")
     splits = {name: tokenize(read_parquet(path), task, tok, params.model.max_length)
               for name, path in (("validation", Paths.validation), ("dev", Paths.dev))}
     device, batch = run.adapted.ctx.device, params.evaluate.batch_size
@@ -212,11 +219,14 @@ def main() -> None:
     path = args.out.with_suffix(".json")
     stored = json.loads(path.read_text()) if path.exists() else {"overrides": overrides, "runs": []}
     if stored["overrides"] != overrides:
-        raise SystemExit(f"{path} holds runs with other overrides {stored['overrides']}: pass another --out")
+        fail(f"{path} holds runs with other overrides {stored['overrides']}: pass another --out")
+    params = load_params(overrides=params_overrides)
+    for width in args.widths:  # an off-grid width fails now, not after a training run
+        fixed_quantizer(tuple(params.model_dump()["blora"]["bits"]), width)
     wanted = variant_keys(args.widths)
     for run in stored["runs"]:
         if run["seed"] in args.seeds and list(run["variants"]) != wanted:
-            raise SystemExit(f"{path}: seed {run['seed']} was scored at other widths "
+            fail(f"{path}: seed {run['seed']} was scored at other widths "
                              f"({sorted({int(k.split('@')[1]) for k in run['variants']})}): pass those --widths or another --out")
     for seed in args.seeds:
         if any(r["seed"] == seed for r in stored["runs"]):
@@ -226,7 +236,7 @@ def main() -> None:
         tmp.write_text(json.dumps(stored))
         tmp.replace(path)  # a killed run keeps the seeds already done
     runs = sorted((r for r in stored["runs"] if r["seed"] in args.seeds), key=lambda r: r["seed"])
-    metric_name = task_of(load_params(overrides=params_overrides)).main_metric
+    metric_name = task_of(params).main_metric
     text = report(runs, metric_name)
     sets = " ".join("-S " + item for item in args.set)
     command = (f"dvc exp run {sets} prepare\npython benchmarks/blora_base_bits.py {sets} "

@@ -30,9 +30,11 @@ def test_pinned_quantizer_reads_out_its_width(width):
     assert fixed_quantizer(BITS, width).bit_width() == width
 
 
-def test_width_off_the_grid_is_refused():
-    with pytest.raises(SystemExit, match="not on B-LoRA's grid"):
+def test_width_off_the_grid_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         fixed_quantizer(BITS, 6)
+    assert exit_info.value.code == 2
+    assert "not on B-LoRA's grid" in capsys.readouterr().err
 
 
 def test_without_quantizers_it_is_the_lora_layer():
