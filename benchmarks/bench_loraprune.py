@@ -499,12 +499,14 @@ def seeded_report(done: dict, seeds: list[int], out: Path) -> str:
         lines += ["", "A ratio is exp of the paired mean-NLL difference (seeds, then windows resampled; 2,000 "
                   "draws; the interval shown is the uncorrected 95 % one); the verdicts are Holm-corrected over these targets: met "
                   "only when the corrected test clears the bound, not met when it fails on the other side."]
-    hours = sum(r.get("total_s", 0.0) for r in runs.values()) / 3600
+    threads = proto.get("threads", "?")
+    hours = sum(runs[f"{c}/{s}"].get("total_s") or 0.0 for c in SEEDED_CRITERIA for s in seeds
+                if f"{c}/{s}" in runs) / 3600
     lines += ["", "`grad` is LLM-Pruner's element-wise first-order criterion (|W ⊙ dL/dW|, summed per head / "
               "channel) on LoRAPrune's iterative schedule. LLM-Pruner's own pipeline (one-shot pruning from a few "
               "calibration batches, then LoRA recovery) is not run: on this budget the comparison of criteria is "
               f"only fair at the same schedule, and a second schedule would double the {hours:.1f} hours "
-              "(one thread) these runs took."]
+              f"these runs took on {threads} thread{'' if threads == 1 else 's'}."]
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text
