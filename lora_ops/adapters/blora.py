@@ -168,6 +168,11 @@ class BLoRALinear(AdapterLayer):
 
     def parameter_group(self, name: str) -> str:
         if name.endswith("log_alpha"):
+            parts = name.split(".")
+            if parts[0] == "quantizers" and parts[1] in BASE_QUANTIZERS:
+                # the frozen path's bit gates (quantize_base): the prior charges them what it charges the
+                # adapter's, so a recipe may want them slower (blora.recipe.group_lr.base_gates)
+                return "base_gates"
             return "gates"  # bit gates and rank gates: log-alpha must travel ~3 to close (recipe gives them a high lr)
         if name.endswith("x_max"):
             return "ranges"

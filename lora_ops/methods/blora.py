@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from lora_ops.adapters.base import AdapterLayer
@@ -67,6 +67,18 @@ class BLoRAParams(MethodParams):
     # could ever close. The official config declares gates_lr 1e-2 (unused in its snapshot) for runs ~100x longer;
     # 5e-2 lets an unused gate close within ~150 steps here. Factors and quantiser ranges keep train.lr.
     recipe: Recipe = Field(default_factory=lambda: Recipe(group_lr={"gates": 5e-2}))
+
+    @model_validator(mode="after")
+    def _base_gates_lr(self) -> BLoRAParams:
+        # base_gates (the frozen path's bit gates) exist only with quantize_base; unset, they train at the gates'
+        # lr, so a recipe that names only `gates` behaves as it did before the group was split off
+        group_lr = self.recipe.group_lr
+        if "base_gates" in group_lr and not self.quantize_base:
+            raise ValueError("recipe.group_lr sets base_gates, the frozen path's bit gates, which exist only "
+                             "with blora.quantize_base: true; drop base_gates or set quantize_base")
+        if self.quantize_base and "base_gates" not in group_lr and "gates" in group_lr:
+            self.recipe = self.recipe.model_copy(update={"group_lr": {**group_lr, "base_gates": group_lr["gates"]}})
+        return self
 
     @field_validator("lmbda")
     @classmethod
@@ -187,7 +199,8 @@ class BLoRA(Method[BLoRAParams]):
     name = "blora"
     description = "Bayesian-LoRA: SVD-form LoRA with hard-concrete rank and bit-width gates, BOPs accounting"
     params_model = BLoRAParams
-    parameter_groups = ("adapter", "gates", "ranges", "head")  # gates: bit and rank log-alphas
+    # gates: the adapter's bit and rank log-alphas; base_gates: the frozen path's bit gates (quantize_base)
+    parameter_groups = ("adapter", "gates", "base_gates", "ranges", "head")
     needs_calibration = True
     scored_unmerged_reason = ("its artifact is the integer export (data/finetune extras): the fake-quantised "
                               "layers are what it stores and what its BOPs count, while the float merge drops "

@@ -32,8 +32,9 @@ def features(n: int = 40, seq: int = 12, seed: int = 5, variable_lengths: bool =
 
 
 def build_case(method_name: str, dropout: float = 0.0, model_seed: int = 0, adapter_seed: int = 1,
-               variable_lengths: bool = True):
-    """(model, method, plan, ctx, features): tiny BERT with ``method``'s adapters, head trainable."""
+               variable_lengths: bool = True, settings: dict[str, Any] | None = None):
+    """(model, method, plan, ctx, features): tiny BERT with ``method``'s adapters, head trainable;
+    ``settings`` override the method's own params (e.g. ``{"quantize_base": True}`` for blora)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     from lora_ops.data import BatchSource
@@ -44,7 +45,8 @@ def build_case(method_name: str, dropout: float = 0.0, model_seed: int = 0, adap
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = BertForSequenceClassification(cfg)
     method = get_method(method_name)
-    params = method.params_model(**{**method.params_model().model_dump(), **FAST.get(method_name, {})})
+    params = method.params_model(**{**method.params_model().model_dump(), **FAST.get(method_name, {}),
+                                    **(settings or {})})
     ctx = MethodContext(adapter=AdapterConfig(rank=4, alpha=8, dropout=dropout), params=params, seed=0)
     ctx.train.progress = False
     targets = find_targets(model, "all")

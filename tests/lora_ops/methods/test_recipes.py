@@ -26,7 +26,7 @@ DEFAULT_BUDGET_STEPS = math.ceil(4000 / 32) * 4
 def test_groups_and_their_learning_rates():
     model, method, plan, ctx, _ = build_case("blora")
     names = parameter_group_names(model)
-    assert set(names.values()) == {"adapter", "gates", "ranges", "head"} == set(method.parameter_groups)
+    assert set(names.values()) == {"adapter", "gates", "ranges", "head"}  # base_gates only with quantize_base
     assert names["classifier.weight"] == "head"
     assert all(g == "gates" for n, g in names.items() if n.endswith("log_alpha"))
     cfg = apply_recipe(TrainConfig(lr=1e-3), Recipe(lr=2e-3, head_lr=1e-2, group_lr={"gates": 5e-2}))
@@ -35,6 +35,31 @@ def test_groups_and_their_learning_rates():
     assert lrs["ranges.no_decay"] == 2e-3  # a group the recipe does not name trains at the adapter lr
     with pytest.raises(ValueError, match="groups are"):
         _param_groups(model, apply_recipe(TrainConfig(), Recipe(group_lr={"gate": 1.0})))
+
+
+def test_quantize_base_puts_the_frozen_paths_gates_in_their_own_group():
+    model, method, *_ = build_case("blora", settings={"quantize_base": True})
+    names = parameter_group_names(model)
+    assert set(names.values()) == set(method.parameter_groups)
+    gates = {n: g for n, g in names.items() if n.endswith("log_alpha")}
+    base = {n for n in gates if n.split(".")[-2] in ("W", "h", "o")}  # ...quantizers.<W|h|o>.log_alpha
+    assert base and all(gates[n] == "base_gates" for n in base)
+    assert all(g == "gates" for n, g in gates.items() if n not in base)
+    cfg = apply_recipe(TrainConfig(lr=1e-3), Recipe(group_lr={"gates": 5e-2, "base_gates": 1e-3}))
+    lrs = {g["name"]: g["lr"] for g in _param_groups(model, cfg)}
+    assert lrs["gates.no_decay"] == 5e-2 and lrs["base_gates.no_decay"] == 1e-3
+
+
+def test_base_gates_train_at_the_gates_lr_unless_set_and_only_with_quantize_base():
+    p = load_params(overrides={"method.name": "blora", "blora.quantize_base": True})
+    group_lr = method_context(p)[1].train.group_lr
+    assert group_lr["base_gates"] == group_lr["gates"] == 5e-2  # the recipe before the group was split off
+    p = load_params(overrides={"method.name": "blora", "blora.quantize_base": True,
+                               "blora.recipe.group_lr": {"gates": 5e-2, "base_gates": 1e-3}})
+    assert method_context(p)[1].train.group_lr == {"gates": 5e-2, "base_gates": 1e-3}
+    assert "base_gates" not in method_context(load_params(overrides={"method.name": "blora"}))[1].train.group_lr
+    with pytest.raises(ConfigError, match="base_gates.*only with blora.quantize_base: true"):
+        load_params(overrides={"blora.recipe.group_lr": {"gates": 5e-2, "base_gates": 1e-3}})
 
 
 def test_gated_methods_name_their_gate_group():
@@ -63,7 +88,7 @@ def test_recipe_in_params_yaml_matches_the_documented_code_defaults():
 
 
 def test_unknown_recipe_group_is_a_one_line_config_error():
-    with pytest.raises(ConfigError, match=r"blora\.recipe\.group_lr sets \['gate'\].*adapter, gates, head, ranges"):
+    with pytest.raises(ConfigError, match=r"blora\.recipe\.group_lr sets \['gate'\].*adapter, base_gates, gates, head, ranges"):
         load_params(overrides={"blora.recipe.group_lr": {"gate": 0.1}})
     with pytest.raises(ConfigError, match="lora.recipe.lr"):
         load_params(overrides={"lora.recipe.lr": -1})
