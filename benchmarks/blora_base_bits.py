@@ -97,8 +97,7 @@ class QuantizedBasePath(nn.Module):
         self.calibrating = False
 
     def _q(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        q = self.quantizers[name] if name in self.quantizers else None
-        return x if q is None else q(x, deterministic=True)
+        return self.quantizers[name](x, deterministic=True) if name in self.quantizers else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = (self.base.weight, self.base.bias) if self.calibrating else (self.weight_q, self.bias_q)
@@ -169,11 +168,11 @@ def run_seed(overrides: dict, seed: int, widths: Sequence[int], steps: int | Non
     out = {"seed": seed, "train_seconds": run.seconds, "steps": run.result.steps,
            "labels": {name: f["labels"].tolist() for name, f in splits.items()},
            "float": predictions(), "variants": {}}
+    sample, _ = calibration_sample(params, tok)  # tokenised and batched once, observed by every variant
+    calibration = [{k: v.to(device) for k, v in sample.collate(idx).items()} for idx in sample.batch_indices()]
     for key in variant_keys(widths):
         parts_name, width = key.split("@")
-        sample, _ = calibration_sample(params, tok)
-        batches = ({k: v.to(device) for k, v in sample.collate(idx).items()} for idx in sample.batch_indices())
-        with quantized_base(model, PARTS[parts_name], bits, int(width), batches):
+        with quantized_base(model, PARTS[parts_name], bits, int(width), calibration):
             out["variants"][key] = predictions()
         print(f"seed {seed}: {parts_name} at {width} bits done", flush=True)
     return out
@@ -182,7 +181,7 @@ def run_seed(overrides: dict, seed: int, widths: Sequence[int], steps: int | Non
 def report(runs: list[dict], metric_name: str) -> str:
     metric = task_metric(metric_name)
     rows = []
-    labels = {s: {k: np.asarray(v) for k, v in r["labels"].items()} for s, r in ((r["seed"], r) for r in runs)}
+    labels = {r["seed"]: {k: np.asarray(v) for k, v in r["labels"].items()} for r in runs}
 
     def seed_runs(key: str | None, split: str) -> list[SeedRun]:
         return [SeedRun(r["seed"], np.asarray(r["float"][split] if key is None else r["variants"][key][split]),
