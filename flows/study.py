@@ -45,7 +45,7 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from flows import frontier, paired
+from flows import cost, frontier, paired
 from flows.paired import is_peer
 from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, validate_overrides
 from flows.report import fmt, fmt_int, log_report_run, publish_report
@@ -341,6 +341,7 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
     lines += frontier.capacity_section(frontier.capacity(s, chosen, parse_variant, reference_method(), draws))
     lines += frontier.section(frontier.place(s, chosen, parse_variant, reference_method(), draws))
     lines += frontier.targets_section(frontier.compress_targets(s, chosen, parse_variant, reference_method(), draws))
+    lines += cost.section(df)
     return "\n".join(lines) + "\n"
 
 

@@ -138,6 +138,7 @@ def test_summary_targets_report_and_chart(tmp_path):
     assert "-3.25] pt, 3 seeds | below: 0.0020 ≤ 0.0063 | **not met** |" in md  # bone
     assert "12 gates closed (> 0) | above: 0.2475 > 0.0125 | inconclusive |" in md  # blora
     assert md == markdown(df, "# Method study", "python -m flows.study --methods lora", preds, draws=500)
+    assert "## Cost" in md and "| all | 16 |" in md  # 15 selected runs and seed 1's sweep run
     pareto_chart(df, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
