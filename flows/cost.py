@@ -1,15 +1,22 @@
-"""What a study cost: the measured time of its runs, per stage of the sequential protocol and per row.
+"""What a study cost: CPU hours of its runs, per stage of the sequential protocol and per trained row.
 
-Each study row carries ``run_seconds``, the wall time of its pipeline run (every stage DVC did not serve from
-its run cache; a compress row beside the row whose training it reuses counts only its own stages). The
-studies run one thread per run, so a run's wall time is its CPU time. Rows from before the column existed
-have only ``train_seconds``: they are counted apart, estimated from the timed runs (:func:`overheads`), and
-the report says how many there are.
+Each study row carries ``train_seconds`` (its training, also when DVC served that training from its run cache)
+and ``run_seconds``, the wall time of its pipeline run in this study (every stage DVC did not serve from its
+cache). The studies run one thread per run, so wall time is CPU time. Two figures follow:
+
+* *measured*: ``run_seconds`` summed, what the clock saw. A run whose training came from DVC's cache (a
+  compress variant beside the row it reuses, or a study resumed after an interruption) costs little here.
+* *fresh*: what the same runs cost on a machine with an empty cache: every distinct training (task, training
+  row, seed, lr; a ``+compress`` row trains what the row before its ``+compress`` trains) once, at its
+  ``train_seconds``, plus the median time outside training that the timed runs measured, per run.
+
+Rows from before ``run_seconds`` existed count in *fresh* only; the report says how many there are.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -18,18 +25,22 @@ HOUR = 3600.0
 
 
 @dataclass(frozen=True)
+class Overhead:
+    """Median measured seconds outside training: of a run that trained, and of one that reused a training."""
+
+    trained: float
+    reused: float
+
+
+@dataclass(frozen=True)
 class Cost:
     """Runs and CPU hours of a set of study rows."""
 
     runs: int
-    trained: int
-    measured_h: float  # sum of run_seconds over the rows that have it
-    estimated_runs: int  # rows without run_seconds
-    estimated_h: float  # their train_seconds plus the measured mean time outside training
-
-    @property
-    def total_h(self) -> float:
-        return self.measured_h + self.estimated_h
+    trainings: int  # distinct trainings among the runs
+    measured_h: float  # sum of run_seconds over the runs that have it
+    untimed: int  # runs without run_seconds
+    fresh_h: float  # the estimate for an empty cache
 
 
 def _numeric(df: pd.DataFrame, column: str) -> pd.Series:
@@ -44,33 +55,30 @@ def _trained(df: pd.DataFrame) -> pd.Series:
     return df["trained"].astype(str).str.lower().isin(["true", "1"])
 
 
-@dataclass(frozen=True)
-class Overhead:
-    """Mean measured seconds outside training: of a run that trained, and of one that reused a training."""
-
-    trained: float
-    reused: float
-
-
 def overheads(df: pd.DataFrame) -> Overhead:
-    """From the timed runs: mean ``run_seconds - train_seconds`` of those that trained, mean ``run_seconds`` of
-    those that did not (0 where none were timed)."""
+    """From the timed runs: median ``run_seconds - train_seconds`` of those that trained, median ``run_seconds``
+    of those that did not (0 where none were timed). Medians: a run served whole from the cache is an outlier."""
     run, trained = _numeric(df, "run_seconds"), _trained(df)
     rest = (run - _numeric(df, "train_seconds"))[trained].dropna()
     reused = run[~trained].dropna()
-    return Overhead(float(rest.mean()) if len(rest) else 0.0, float(reused.mean()) if len(reused) else 0.0)
+    return Overhead(float(rest.median()) if len(rest) else 0.0, float(reused.median()) if len(reused) else 0.0)
 
 
-def cost(rows: pd.DataFrame, overhead: Overhead) -> Cost:
-    """The cost of ``rows``; an untimed row that trained is its training time plus ``overhead.trained``, one
-    that reused a training ``overhead.reused``."""
+def training_keys(rows: pd.DataFrame, training_label: Callable[[str], str]) -> pd.Series:
+    """Per run, the training it needs: (task, training row, seed, lr)."""
+    return pd.Series([(str(t), training_label(str(m)), int(s), float(lr)) for t, m, s, lr in
+                      zip(rows["task"], rows["method"], rows["seed"], rows["lr"])], index=rows.index, dtype=object)
+
+
+def cost(rows: pd.DataFrame, overhead: Overhead, training_label: Callable[[str], str]) -> Cost:
+    """The cost of ``rows`` (:class:`Cost`)."""
     run = _numeric(rows, "run_seconds")
-    untimed = run.isna()
-    trained = _trained(rows)
+    keys = training_keys(rows, training_label)
     train = _numeric(rows, "train_seconds").fillna(0.0)
-    estimate = (train + overhead.trained).where(trained, overhead.reused)[untimed]
-    return Cost(runs=len(rows), trained=int(trained.sum()), measured_h=float(run.sum()) / HOUR,
-                estimated_runs=int(untimed.sum()), estimated_h=float(estimate.sum()) / HOUR)
+    distinct = ~keys.duplicated()
+    fresh = train[distinct].sum() + overhead.trained * distinct.sum() + overhead.reused * (~distinct).sum()
+    return Cost(runs=len(rows), trainings=int(distinct.sum()), measured_h=float(run.sum()) / HOUR,
+                untimed=int(run.isna().sum()), fresh_h=float(fresh) / HOUR)
 
 
 def first_stage_seeds(df: pd.DataFrame) -> int:
@@ -79,34 +87,38 @@ def first_stage_seeds(df: pd.DataFrame) -> int:
 
 
 def _row(name: str, c: Cost) -> str:
-    estimated = f"{c.estimated_h:.2f} ({c.estimated_runs})" if c.estimated_runs else "–"
-    return f"| {name} | {c.runs} | {c.trained} | {c.measured_h:.2f} | {estimated} | **{c.total_h:.2f}** |"
+    return (f"| {name} | {c.runs} | {c.trainings} | {c.measured_h:.2f} | {c.untimed or '–'} | "
+            f"**{c.fresh_h:.2f}** |")
 
 
-def section(df: pd.DataFrame, top: int = 5) -> list[str]:
-    """Markdown lines: the study's CPU hours by protocol stage, and the ``top`` most costly rows."""
-    if df.empty or ("run_seconds" not in df.columns and "train_seconds" not in df.columns):
+def section(df: pd.DataFrame, training_label: Callable[[str], str], top: int = 5) -> list[str]:
+    """Markdown lines: the study's CPU hours by protocol stage, and the ``top`` most costly trained rows (each
+    with the rows that reuse its training)."""
+    if df.empty or "train_seconds" not in df.columns:
         return []
     overhead = overheads(df)
     n = first_stage_seeds(df)
-    first = df[df["seed"].astype(int) <= n]
-    later = df[df["seed"].astype(int) > n]
-    head = ["| | runs | trained | measured CPU h | estimated CPU h (rows) | CPU h |", "|---|---:|---:|---:|---:|---:|"]
+    seeds = df["seed"].astype(int)
+    first, later = df[seeds <= n], df[seeds > n]
+    head = ["| | runs | trainings | measured CPU h | untimed runs | CPU h, empty cache |",
+            "|---|---:|---:|---:|---:|---:|"]
     lines = ["", "## Cost", "",
-             "CPU hours of the runs behind this report, one thread per run (wall time = CPU time): each row's "
-             "`run_seconds` summed; a row that reuses another row's training (a compress variant) counts only "
-             "its own stages, a row served whole from DVC's run cache next to nothing. Rows from before "
-             "`run_seconds` existed are estimated from the timed ones: their `train_seconds` plus the mean time "
-             f"a timed run that trained spent outside training ({overhead.trained:.0f} s), or the mean time of a "
-             f"timed run that reused a training ({overhead.reused:.0f} s). Two runs side by side share the 2 cores, so times "
-             "include that contention.", "", *head,
-             _row(f"seeds 1–{n} (lr sweep and the first stage)", cost(first, overhead))]
+             "CPU hours, one thread per run (wall time = CPU time). *Measured*: each run's `run_seconds` summed, "
+             "what the clock saw here (a training DVC served from its run cache costs next to nothing; rows from "
+             "before the column existed are untimed). *Empty cache*: the same runs on a fresh machine, every "
+             "distinct training once at its `train_seconds` (a `+compress` row reuses the training of the row "
+             "before its `+compress`), plus the median time outside training the timed runs measured: "
+             f"{overhead.trained:.0f} s for a run that trains, {overhead.reused:.0f} s for one that reuses a "
+             "training. Runs side by side shared the 2 cores, so both include that contention.", "", *head,
+             _row(f"seeds 1–{n} (lr sweep and the first stage)", cost(first, overhead, training_label))]
     if len(later):
-        last = int(later["seed"].astype(int).max())
-        lines.append(_row(f"seeds {n + 1}–{last} (the sequential extension)", cost(later, overhead)))
-    lines.append(_row("all", cost(df, overhead)))
-    per_row = sorted(((cost(g, overhead), f"{task} {label}") for (task, label), g in df.groupby(["task", "method"])),
-                     key=lambda x: -x[0].total_h)
-    lines += ["", f"The {min(top, len(per_row))} most costly rows:", "", *head]
+        last = int(seeds.max())
+        lines.append(_row(f"seeds {n + 1}–{last} (the sequential extension)", cost(later, overhead, training_label)))
+    lines.append(_row("all", cost(df, overhead, training_label)))
+    groups = df.assign(_trains=[training_label(str(m)) for m in df["method"]]).groupby(["task", "_trains"])
+    per_row = sorted(((cost(g, overhead, training_label), f"{task} {label}") for (task, label), g in groups),
+                     key=lambda x: -x[0].fresh_h)
+    lines += ["", f"The {min(top, len(per_row))} most costly trained rows (each with the rows that reuse its "
+              "training):", "", *head]
     lines += [_row(name, c) for c, name in per_row[:top]]
     return lines

@@ -139,6 +139,12 @@ def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
     return spec, method, settings
 
 
+def training_label(spec: str) -> str:
+    """The row whose training a study row uses: a ``+compress`` row trains what the row before it trains (the
+    compress stage comes after finetune, so its settings never change the training)."""
+    return spec.strip().partition(COMPRESS_SUFFIX)[0]
+
+
 def scaled(lr: float, factor: float) -> float:
     """``lr * factor`` to three significant digits (a readable value in params and experiment names)."""
     return float(f"{lr * factor:.3g}")
@@ -341,7 +347,7 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
     lines += frontier.capacity_section(frontier.capacity(s, chosen, parse_variant, reference_method(), draws))
     lines += frontier.section(frontier.place(s, chosen, parse_variant, reference_method(), draws))
     lines += frontier.targets_section(frontier.compress_targets(s, chosen, parse_variant, reference_method(), draws))
-    lines += cost.section(df)
+    lines += cost.section(df, training_label)
     return "\n".join(lines) + "\n"
 
 
