@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import re
+import shlex
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -519,12 +520,24 @@ def estimate_seconds(runs: list[tuple[str, str, int, Params]], earlier: pd.DataF
 
 
 def shown_path(path: str | Path, root: Path) -> str:
-    """A path as a report may print it: relative to the repository, else the file's name (no machine paths)."""
+    """A path as a report may print it (no machine paths): relative to the repository; in another checkout
+    (a folder with ``.git``), ``<checkout>/`` and the path inside it; else the file's name."""
     resolved = Path(path).resolve()
     try:
         return resolved.relative_to(root).as_posix()
     except ValueError:
-        return resolved.name
+        pass
+    for parent in resolved.parents:
+        if (parent / ".git").exists():
+            return f"<checkout>/{resolved.relative_to(parent).as_posix()}"
+    return resolved.name
+
+
+def shown_command(argv: list[str], root: Path) -> str:
+    """The study's command line as a report prints it: absolute paths as :func:`shown_path` shows them, each
+    argument quoted where the shell needs it, so the line runs as printed."""
+    return shlex.join(["python", "-m", "flows.study",
+                       *(shown_path(a, root) if Path(a).is_absolute() else a for a in argv)])
 
 
 def earlier_predictions(csv: str | Path) -> pd.DataFrame:
@@ -908,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "rows differ from the shared configuration (e.g. per task)")
     args = ap.parse_args(argv)
     root = Path(args.repo).resolve()
-    command = "python -m flows.study " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = shown_command(argv if argv is not None else sys.argv[1:], root)
     if args.report:
         missing = [c for c in args.report if not Path(c).is_file()]
         if missing:

@@ -24,6 +24,7 @@ from flows.study import (
     parse_variant,
     peer_rows,
     restore_pairs,
+    shown_command,
     shown_path,
     summary,
     sweep_order,
@@ -261,6 +262,14 @@ def test_cpu_estimate_uses_measured_times_else_a_rough_step_cost():
 def test_report_paths_are_relative_to_the_repository(tmp_path):
     assert shown_path(tmp_path / "reports" / "study.csv", tmp_path) == "reports/study.csv"
     assert shown_path("/elsewhere/clone/reports/study.csv", tmp_path) == "study.csv"
+    other = tmp_path.parent / f"{tmp_path.name}-other-checkout"
+    (other / ".git").mkdir(parents=True)
+    csv = other / "reports" / "cola" / "study.csv"
+    assert shown_path(csv, tmp_path) == "<checkout>/reports/cola/study.csv"
+    # the printed command: no machine path, and it runs as printed (the note is one quoted argument)
+    line = shown_command(["--report", "reports/a.csv", str(csv), "--note", "two words"], tmp_path)
+    assert line == "python -m flows.study --report reports/a.csv '<checkout>/reports/cola/study.csv' --note 'two words'"
+    assert str(other) not in line
 
 
 def test_method_variants_parse_to_overrides():
