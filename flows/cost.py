@@ -2,13 +2,13 @@
 
 Each study row carries ``train_seconds`` (its training, also when DVC served that training from its run cache)
 and ``run_seconds``, the wall time of its pipeline run in this study (every stage DVC did not serve from its
-cache). The studies run one thread per run, so wall time is CPU time. Two figures follow:
+cache). The studies run one thread per run, so wall time is CPU time plus any wait for a core. Two figures follow:
 
 * *measured*: ``run_seconds`` summed, what the clock saw. A run whose training came from DVC's cache (a
   compress variant beside the row it reuses, or a study resumed after an interruption) costs little here.
 * *fresh*: what the same runs cost on a machine with an empty cache: every distinct training (task, training
   row, seed, lr; a ``+compress`` row trains what the row before its ``+compress`` trains) once, at its
-  ``train_seconds``, plus the median time outside training that the timed runs measured, per run.
+  median ``train_seconds``, plus the median time outside training that the timed runs measured, per run.
 
 Rows from before ``run_seconds`` existed count in *fresh* only; the report says how many there are.
 """
@@ -50,8 +50,9 @@ def _numeric(df: pd.DataFrame, column: str) -> pd.Series:
 
 
 def _trained(df: pd.DataFrame) -> pd.Series:
+    """Whether each run trained; without the column, a run that took less time than its training did not."""
     if "trained" not in df.columns:
-        return pd.Series(True, index=df.index)
+        return ~(_numeric(df, "run_seconds") < _numeric(df, "train_seconds"))
     return df["trained"].astype(str).str.lower().isin(["true", "1"])
 
 
@@ -71,19 +72,22 @@ def training_keys(rows: pd.DataFrame, training_label: Callable[[str], str]) -> p
 
 
 def cost(rows: pd.DataFrame, overhead: Overhead, training_label: Callable[[str], str]) -> Cost:
-    """The cost of ``rows`` (:class:`Cost`)."""
+    """The cost of ``rows`` (:class:`Cost`); each distinct training at the median ``train_seconds`` its runs
+    recorded (runs side by side under contention record the same training at different times)."""
     run = _numeric(rows, "run_seconds")
     keys = training_keys(rows, training_label)
-    train = _numeric(rows, "train_seconds").fillna(0.0)
-    distinct = ~keys.duplicated()
-    fresh = train[distinct].sum() + overhead.trained * distinct.sum() + overhead.reused * (~distinct).sum()
-    return Cost(runs=len(rows), trainings=int(distinct.sum()), measured_h=float(run.sum()) / HOUR,
+    train = _numeric(rows, "train_seconds").groupby(keys.map(str)).median().fillna(0.0)
+    trainings = len(train)
+    fresh = train.sum() + overhead.trained * trainings + overhead.reused * (len(rows) - trainings)
+    return Cost(runs=len(rows), trainings=trainings, measured_h=float(run.sum()) / HOUR,
                 untimed=int(run.isna().sum()), fresh_h=float(fresh) / HOUR)
 
 
-def first_stage_seeds(df: pd.DataFrame) -> int:
-    """The seeds every row ran (1..n): the sequential protocol's first stage; further seeds extend it."""
-    return int(df.groupby(["task", "method"])["seed"].max().min())
+def first_stage(df: pd.DataFrame) -> pd.Series:
+    """Per run, whether it belongs to the sequential protocol's first stage: its seed is no later than the last
+    seed every row of its task ran (the lr sweep included); later seeds extend the study."""
+    every_row = df.groupby(["task", "method"])["seed"].transform("max").groupby(df["task"]).transform("min")
+    return df["seed"] <= every_row
 
 
 def _row(name: str, c: Cost) -> str:
@@ -96,24 +100,21 @@ def section(df: pd.DataFrame, training_label: Callable[[str], str], top: int = 5
     with the rows that reuse its training)."""
     if df.empty or "train_seconds" not in df.columns:
         return []
+    df = df.dropna(subset=["seed", "lr"])
     overhead = overheads(df)
-    n = first_stage_seeds(df)
-    seeds = df["seed"].astype(int)
-    first, later = df[seeds <= n], df[seeds > n]
-    head = ["| | runs | trainings | measured CPU h | untimed runs | CPU h, empty cache |",
-            "|---|---:|---:|---:|---:|---:|"]
+    in_first = first_stage(df)
+    head = ["| | runs | trainings | measured h | untimed runs | h, empty cache |", "|---|---:|---:|---:|---:|---:|"]
     lines = ["", "## Cost", "",
-             "CPU hours, one thread per run (wall time = CPU time). *Measured*: each run's `run_seconds` summed, "
-             "what the clock saw here (a training DVC served from its run cache costs next to nothing; rows from "
-             "before the column existed are untimed). *Empty cache*: the same runs on a fresh machine, every "
-             "distinct training once at its `train_seconds` (a `+compress` row reuses the training of the row "
-             "before its `+compress`), plus the median time outside training the timed runs measured: "
-             f"{overhead.trained:.0f} s for a run that trains, {overhead.reused:.0f} s for one that reuses a "
-             "training. Runs side by side shared the 2 cores, so both include that contention.", "", *head,
-             _row(f"seeds 1–{n} (lr sweep and the first stage)", cost(first, overhead, training_label))]
-    if len(later):
-        last = int(seeds.max())
-        lines.append(_row(f"seeds {n + 1}–{last} (the sequential extension)", cost(later, overhead, training_label)))
+             "Hours of single-thread runs, by the wall clock: CPU hours, plus any wait for a core while runs shared "
+             "the machine. *Measured*: each run's `run_seconds` summed, what the clock saw here (a training DVC "
+             "served from its run cache costs next to nothing; rows from before the column existed are untimed). "
+             "*Empty cache*: an estimate of the same runs on a fresh machine, every distinct training once at its "
+             "`train_seconds` (a `+compress` row reuses the training of the row before its `+compress`), plus the "
+             f"median time outside training the timed runs measured: {overhead.trained:.0f} s for a run that "
+             f"trains, {overhead.reused:.0f} s for one that reuses a training.", "", *head,
+             _row("first stage: the seeds every row ran, lr sweep included", cost(df[in_first], overhead, training_label))]
+    if (~in_first).any():
+        lines.append(_row("later seeds: the sequential extension", cost(df[~in_first], overhead, training_label)))
     lines.append(_row("all", cost(df, overhead, training_label)))
     groups = df.assign(_trains=[training_label(str(m)) for m in df["method"]]).groupby(["task", "_trains"])
     per_row = sorted(((cost(g, overhead, training_label), f"{task} {label}") for (task, label), g in groups),

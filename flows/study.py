@@ -520,24 +520,30 @@ def estimate_seconds(runs: list[tuple[str, str, int, Params]], earlier: pd.DataF
 
 
 def shown_path(path: str | Path, root: Path) -> str:
-    """A path as a report may print it (no machine paths): relative to the repository; in another checkout
-    (a folder with ``.git``), ``<checkout>/`` and the path inside it; else the file's name."""
-    resolved = Path(path).resolve()
+    """A path as a report may print it (no machine paths): relative to the repository; in another checkout of
+    this project (a folder with ``.git`` and ``flows/study.py``), ``<checkout>/`` and the path inside it; else
+    the file's name."""
+    resolved, root = Path(path).resolve(), Path(root).resolve()
     try:
         return resolved.relative_to(root).as_posix()
     except ValueError:
         pass
     for parent in resolved.parents:
-        if (parent / ".git").exists():
+        if (parent / ".git").exists() and (parent / "flows" / "study.py").is_file():
             return f"<checkout>/{resolved.relative_to(parent).as_posix()}"
     return resolved.name
 
 
 def shown_command(argv: list[str], root: Path) -> str:
-    """The study's command line as a report prints it: absolute paths as :func:`shown_path` shows them, each
-    argument quoted where the shell needs it, so the line runs as printed."""
-    return shlex.join(["python", "-m", "flows.study",
-                       *(shown_path(a, root) if Path(a).is_absolute() else a for a in argv)])
+    """The study's command line as a report prints it: absolute paths (an argument, or the value after its
+    ``=``) as :func:`shown_path` shows them, each argument quoted where the shell needs it. It runs as printed
+    from the repository root when every path in it is inside the repository."""
+    def shown(arg: str) -> str:
+        key, eq, value = arg.rpartition("=")
+        if eq and Path(value).is_absolute():
+            return f"{key}={shown_path(value, root)}"
+        return shown_path(arg, root) if Path(arg).is_absolute() else arg
+    return shlex.join(["python", "-m", "flows.study", *(shown(a) for a in argv)])
 
 
 def earlier_predictions(csv: str | Path) -> pd.DataFrame:

@@ -265,11 +265,17 @@ def test_report_paths_are_relative_to_the_repository(tmp_path):
     other = tmp_path.parent / f"{tmp_path.name}-other-checkout"
     (other / ".git").mkdir(parents=True)
     csv = other / "reports" / "cola" / "study.csv"
+    assert shown_path(csv, tmp_path) == "study.csv"  # a git folder that is not a checkout of this project
+    (other / "flows").mkdir()
+    (other / "flows" / "study.py").write_text("")
     assert shown_path(csv, tmp_path) == "<checkout>/reports/cola/study.csv"
-    # the printed command: no machine path, and it runs as printed (the note is one quoted argument)
-    line = shown_command(["--report", "reports/a.csv", str(csv), "--note", "two words"], tmp_path)
-    assert line == "python -m flows.study --report reports/a.csv '<checkout>/reports/cola/study.csv' --note 'two words'"
-    assert str(other) not in line
+    assert shown_path(tmp_path / "reports" / ".." / "reports" / "a.csv", tmp_path / "reports" / "..") == "reports/a.csv"
+    # the printed command: no machine path, also after "="; the note is one quoted argument
+    line = shown_command(["--report", "reports/a.csv", str(csv), f"--out={tmp_path / 'out'}", "--note", "two words"],
+                         tmp_path)
+    assert line == ("python -m flows.study --report reports/a.csv '<checkout>/reports/cola/study.csv' --out=out "
+                    "--note 'two words'")
+    assert str(other) not in line and str(tmp_path) not in line
 
 
 def test_method_variants_parse_to_overrides():
