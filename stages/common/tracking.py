@@ -55,13 +55,20 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# Files the pipeline itself rewrites on every run (`dvc exp run -S` edits params.yaml, `dvc repro` dvc.lock);
+# their content is logged as the run's params and stage hashes, so a change there is not a code change.
+PIPELINE_WRITTEN = ("params.yaml", "dvc.lock")
+
+
 def git_commit(root: Path) -> str:
+    """HEAD's sha, with ``-dirty`` when tracked files other than the pipeline's own differ from it."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                  *(f":(exclude,top){name}" for name in PIPELINE_WRITTEN)],
+                                 cwd=root, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
