@@ -243,6 +243,8 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
             "score_mean": score.mean(), "score_std": score.std(ddof=1) if len(g) > 1 else 0.0,
             "validation_mean": g["validation_score"].astype(float).mean(),
             "trivial": g["trivial_score"].astype(float).mean(),
+            # collapsed runs (e.g. the majority class after a loss spike) widen every paired interval they are in
+            "at_trivial": int((score <= g["trivial_score"].astype(float)).sum()),
             "trainable_params": g["trainable_params"].astype(float).mean(),
             "stored_mean": g["stored_params"].astype(float).mean(),
             "stored_std": g["stored_params"].astype(float).std(ddof=1) if len(g) > 1 else 0.0,
@@ -306,7 +308,7 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
     if intervals is None:
         intervals = paired.intervals(s, chosen, draws)
     figures = {c: h for c, h in figure_labels(s["method"]).items() if c in s.columns}
-    head = ["task", "method", "metric", "dev (mean ± std)", "dev 95 % interval (pt)", "n", "lr", "validation", "stored params (mean ± std)",
+    head = ["task", "method", "metric", "dev (mean ± std)", "dev 95 % interval (pt)", "n", "≤ trivial", "lr", "validation", "stored params (mean ± std)",
             "stored % of LoRA", "stored bytes", "bytes % of LoRA fp32", "trainable % of LoRA", *figures.values(),
             "train s", "peak RSS MB"]
     lines = [header, "", f"Command: `{command}`", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -318,7 +320,7 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
         stored = fmt_int(r["stored_mean"]) + (f" ± {fmt_int(r['stored_std'])}" if r["stored_std"] else "")
         lines.append("| " + " | ".join([
             r["task"], r["method"], r["metric"], f"{r['score_mean']:.4f} ± {r['score_std']:.4f}",
-            _interval_text(intervals.get((str(r["task"]), str(r["method"])))), str(r["n"]),
+            _interval_text(intervals.get((str(r["task"]), str(r["method"])))), str(r["n"]), str(r["at_trivial"]),
             f"{r['lr']:.1e}", fmt(r["validation_mean"], 4), stored,
             fmt(100 * r["stored_mean"] / lora_stored[r["task"]] if r["task"] in lora_stored else None),
             fmt_int(r["bytes_mean"]),
@@ -326,6 +328,8 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
             fmt(r["pct_of_lora"]),
             *(fmt_figure(r[c]) for c in figures), fmt(r["train_seconds"]),
             fmt(r["peak_rss_mb"], 0)]) + " |")
+    lines += ["", "`≤ trivial`: the row's runs whose dev score is no better than the trivial predictor's (the "
+              "majority class; Matthews 0): collapsed runs, each of which widens every paired interval it is in."]
     lines += ["", "Learning-rate sweep (the seeds that ran every factor; the factor with the best mean validation "
               "score is chosen, dev shown for reference):", "",
               "| task | method | seed | lr factor | lr | validation | dev | chosen |", "|---|---|---|---|---|---|---|---|"]

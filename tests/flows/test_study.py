@@ -144,6 +144,18 @@ def test_summary_targets_report_and_chart(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_runs_no_better_than_the_trivial_predictor_are_counted_per_row():
+    df, preds = _study()
+    # bone's seed 2 collapsed to the majority class (0.5, the trivial score); a run below it counts too
+    df.loc[(df["method"] == "bone") & (df["seed"] == 2), "score"] = 0.5
+    df.loc[(df["method"] == "bat") & (df["seed"] == 3), "score"] = 0.49
+    s = summary(df).set_index("method")
+    assert s.loc["bone", "at_trivial"] == 1 and s.loc["bat", "at_trivial"] == 1 and s.loc["lora", "at_trivial"] == 0
+    md = markdown(df, "# Method study", "cmd", preds, draws=200)
+    assert "| sst2 | bone | accuracy | 0.7000 ± 0.1733 | [" in md and "| 3 | 1 | 1.0e-03 |" in md
+    assert "| ≤ trivial |" in md and "`≤ trivial`: the row's runs" in md
+
+
 def test_holm_runs_across_all_targets_and_a_failed_condition_is_not_met(monkeypatch):
     df, preds = _study(lora_drop_stored=700)  # 70 % of LoRA's stored params: the side-condition fails
     families = []
