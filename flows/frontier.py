@@ -7,7 +7,7 @@ no more stored bytes, or the same dev (within a margin) as a frontier point that
 
 Everything here is read from the study's summary (one row per task and label, with ``bytes_mean``) and the
 runs' per-example dev predictions, and every claim is a paired difference by seed (:mod:`flows.paired`).
-Which rows form the frontier is read from the study label itself (:func:`flows.study.parse_variant`'s
+Which rows form the frontier is read from the study label itself (:func:`flows.variants.parse_variant`'s
 settings), never from a method's name beyond "the reference method".
 
 The compress issue's targets are checked here too (:func:`compress_targets`): the best compressed adapter

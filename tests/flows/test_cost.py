@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from flows import cost
-from flows.study import training_label
+from flows.variants import training_label
 
 
 def _rows(spec: list[tuple[str, int, bool, float, float]], lr: float = 1e-3) -> pd.DataFrame:

@@ -9,7 +9,9 @@ from test_study import LABELS, N, _lora_predictions, _run, _shifted
 
 import flows.paired as paired
 from flows import frontier
-from flows.study import COLUMNS, ROOT, markdown, pareto_chart, parse_variant, rebuild, summary
+from flows.study import ROOT, rebuild
+from flows.study_report import COLUMNS, markdown, pareto_chart, summary
+from flows.variants import parse_variant
 from lora_ops.methods.base import reference_method
 from stages.common.params import ConfigError
 

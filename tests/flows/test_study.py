@@ -10,27 +10,20 @@ import pytest
 
 import flows.paired as paired
 from flows.study import (
-    COLUMNS,
     STAGE_OVERHEAD_SECONDS,
     NotReproduced,
-    _place_labels,
-    chart_label,
     check_reproduced,
     choose_factor,
     estimate_seconds,
     extension_pairs,
-    markdown,
-    pareto_chart,
-    parse_variant,
-    peer_rows,
     restore_pairs,
     shown_command,
     shown_path,
-    summary,
     sweep_order,
-    targets,
     with_earlier_rows,
 )
+from flows.study_report import COLUMNS, _place_labels, markdown, pareto_chart, peer_rows, summary, targets
+from flows.variants import chart_label, parse_variant
 from lora_ops.methods import get_method
 from lora_ops.methods.blora import BLoRAParams
 from stages.common.params import ConfigError, load_params
