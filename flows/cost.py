@@ -56,12 +56,17 @@ def _trained(df: pd.DataFrame) -> pd.Series:
     return df["trained"].astype(str).str.lower().isin(["true", "1"])
 
 
+def beside_training(df: pd.DataFrame) -> pd.Series:
+    """Per timed run that trained, its seconds outside training (``run_seconds - train_seconds``); a run whose
+    training DVC served from its cache says nothing about that cost and is left out."""
+    return (_numeric(df, "run_seconds") - _numeric(df, "train_seconds"))[_trained(df)].dropna()
+
+
 def overheads(df: pd.DataFrame) -> Overhead:
     """From the timed runs: median ``run_seconds - train_seconds`` of those that trained, median ``run_seconds``
     of those that did not (0 where none were timed). Medians: a run served whole from the cache is an outlier."""
-    run, trained = _numeric(df, "run_seconds"), _trained(df)
-    rest = (run - _numeric(df, "train_seconds"))[trained].dropna()
-    reused = run[~trained].dropna()
+    rest = beside_training(df)
+    reused = _numeric(df, "run_seconds")[~_trained(df)].dropna()
     return Overhead(float(rest.median()) if len(rest) else 0.0, float(reused.median()) if len(reused) else 0.0)
 
 

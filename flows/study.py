@@ -45,7 +45,7 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from flows import frontier, paired
+from flows import cost, frontier, paired
 from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, validate_overrides
 from flows.report import log_report_run, publish_report
 from flows.study_report import COLUMNS, columns_of, markdown, pareto_chart, summary, targets
@@ -148,9 +148,9 @@ def choose_factor(sweep: list[dict[str, Any]]) -> float:
 def estimate_seconds(runs: list[tuple[str, str, int, Params]], earlier: pd.DataFrame | None) -> tuple[float, str]:
     """CPU seconds the study's runs (task, label, seed, params) should take at most, and how that was estimated:
     each run's training time is the mean ``train_seconds`` an earlier study.csv measured for its (task, label),
-    else for its task, else ``ROUGH_STEP_SECONDS`` per optimizer step; plus the other stages: the mean of
-    ``run_seconds - train_seconds`` over the earlier rows that trained (a run served from DVC's cache says
-    nothing about cost), else ``STAGE_OVERHEAD_SECONDS``. Runs DVC's run cache already has cost next to
+    else for its task, else ``ROUGH_STEP_SECONDS`` per optimizer step; plus the other stages: the median of
+    ``run_seconds - train_seconds`` over the earlier rows that trained (:func:`flows.cost.beside_training`, as
+    the report's Cost section counts it), else ``STAGE_OVERHEAD_SECONDS``. Runs DVC's run cache already has cost next to
     nothing: the estimate is an upper bound."""
     measured: dict[tuple[str, str], float] = {}
     by_task: dict[str, float] = {}
@@ -162,11 +162,9 @@ def estimate_seconds(runs: list[tuple[str, str, int, Params]], earlier: pd.DataF
         measured = {(str(t), str(m)): float(v) for (t, m), v in secs.groupby(["task", "method"])["train_seconds"]
                     .mean().items()}
         by_task = {str(t): float(v) for t, v in secs.groupby("task")["train_seconds"].mean().items()}
-        if "run_seconds" in secs.columns:
-            ran = secs[secs["trained"].astype(str) == "True"] if "trained" in secs.columns else secs
-            rest = (pd.to_numeric(ran["run_seconds"], errors="coerce") - ran["train_seconds"]).dropna()
-            if len(rest):
-                overhead, overhead_measured = float(rest.mean()), True
+        rest = cost.beside_training(secs)
+        if len(rest):
+            overhead, overhead_measured = float(rest.median()), True
     total, counts = 0.0, {"measured": 0, "rough": 0}
     for task, label, _, p in runs:
         seconds = measured.get((task, label), by_task.get(task))

@@ -255,13 +255,14 @@ def test_cpu_estimate_uses_measured_times_else_a_rough_step_cost():
     assert seconds == pytest.approx(10 + 20 + 40 * 0.3 + 3 * STAGE_OVERHEAD_SECONDS)
     assert "2 runs from the training times" in how and "1 at" in how and "as earlier runs measured" not in how
     assert estimate_seconds(runs[:1], None)[0] == pytest.approx(40 * 0.3 + STAGE_OVERHEAD_SECONDS)
-    # runs that measured their whole wall time: the other stages cost what they took beside training, averaged
+    # runs that measured their whole wall time: the other stages cost what they took beside training, the median
     # over the rows that trained (a row DVC's cache served ran nothing and is left out)
-    earlier["run_seconds"] = [70.0, 90.0, 100.0]  # 60, 80 and 60 s beside training
-    earlier["trained"] = [True, True, False]
+    earlier = pd.concat([earlier, earlier.iloc[:1]], ignore_index=True)
+    earlier["run_seconds"] = [70.0, 90.0, 100.0, 200.0]  # 60, 80, 60 and 190 s beside training
+    earlier["trained"] = [True, True, False, True]
     seconds, how = estimate_seconds(runs, earlier)
-    assert seconds == pytest.approx(10 + 20 + 40 * 0.3 + 3 * 70)
-    assert "~70 s per run for the other stages (as earlier runs measured)" in how
+    assert seconds == pytest.approx(10 + (10 + 10 + 40 + 10) / 4 + 40 * 0.3 + 3 * 80)  # median 80, mean 110
+    assert "~80 s per run for the other stages (as earlier runs measured)" in how
 
 
 def test_report_paths_are_relative_to_the_repository(tmp_path):
