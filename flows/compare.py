@@ -30,7 +30,7 @@ from flows.report import fmt, fmt_int, log_report_run, publish_report
 from stages.common.io import atomic_path
 from stages.common.params import ConfigError
 from stages.common.plots import pyplot, save_png
-from stages.common.tracking import git_commit
+from stages.common.tracking import git_commit, short_commit
 
 COLUMNS = ["task", "method", "seed", "metric", "score", "validation_score", "trivial_score", "trainable_params", "stored_params", "pct_of_lora",
            "train_seconds", "peak_rss_mb", "peak_cuda_mb", "latency_merged_ms", "experiment", "mlflow_run_id"]
@@ -152,7 +152,7 @@ def compare(methods: list[str], tasks: list[str] | None = None, seeds: list[int]
     p0 = params[0]
     header = (f"Model `{p0.model.name}`, train size {p0.data.train_size}, {p0.train.epochs} epoch(s), "
               f"batch {p0.train.batch_size}, adapter rank {p0.adapter.rank} on `{p0.adapter.targets}`; "
-              f"dev-set metric (the epoch chosen on the validation split carved from train); git {git_commit(root)[:12]}, {time.strftime('%Y-%m-%d')}.")
+              f"dev-set metric (the epoch chosen on the validation split carved from train); git {short_commit(git_commit(root))}, {time.strftime('%Y-%m-%d')}.")
     files = [out / "compare.md", out / "compare.csv", out / "compare.png"]
     with atomic_path(files[1]) as tmp:
         df.to_csv(tmp, index=False)

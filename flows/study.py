@@ -55,7 +55,7 @@ from lora_ops.methods.base import reference_method
 from stages.common.io import atomic_path
 from stages.common.params import ConfigError, Params
 from stages.common.paths import Paths
-from stages.common.tracking import git_commit
+from stages.common.tracking import git_commit, short_commit
 
 #: the rough cost of a run where no earlier study measured one: seconds per optimizer step (MiniLM, batch 32,
 #: 2 CPU cores: 58 s for 189 steps in the December study) and the other stages of one run (a default run spends
@@ -320,7 +320,7 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
             r["selected"] = True
             rows.append(r)
         logger.info("%s %s: lr factor %g chosen on validation", p0.task.name, label, chosen)
-    commit = git_commit(root)[:12]
+    commit = short_commit(git_commit(root))
     for r in rows:
         r["git"] = commit
     df = pd.DataFrame(rows, columns=columns_of(rows))
@@ -359,7 +359,7 @@ def base_params(root: Path, overrides: dict[str, Any], task: str | None) -> Para
 
 def study_header(p: Params, seeds: list[int], factors: list[float], commits: list[str], sweep_seeds: int = 1) -> str:
     """The report's first paragraph: the shared configuration, seeds, lr factors and the commits rows ran at."""
-    shown = ", ".join(c[:12] for c in commits) or "unknown"
+    shown = ", ".join(short_commit(c) for c in commits) or "unknown"
     return (f"# Method study\n\nModel `{p.model.name}`, {p.data.train_size} training examples "
             f"(validation {p.data.validation_size} carved from train), {p.train.epochs} epochs, batch "
             f"{p.train.batch_size}, train precision {p.train.precision}; unless a row's label says otherwise, "
@@ -494,7 +494,7 @@ def restore(old_csv: str, root: Path, out_dir: str, command: str, overrides: dic
     shutil.rmtree(root / scratch, ignore_errors=True)
     if not out_csv.is_file():
         raise ConfigError(f"--restore-predictions {old_csv}: no selected rows to restore")
-    commit = git_commit(root)[:12]
+    commit = short_commit(git_commit(root))
     note = (f"The rows restored by `--restore-predictions` (at git {commit}) have per-example predictions from "
             f"reruns of their selected runs, each of which reproduced its row's dev and validation scores exactly.")
     return rebuild([str(out_csv)], root, out_dir, command, overrides=overrides, note=note)

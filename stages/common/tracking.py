@@ -73,6 +73,12 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+def short_commit(commit: str) -> str:
+    """A commit as reports print it: 12 hex digits, keeping ``-dirty``."""
+    sha, dirty, _ = commit.partition("-dirty")
+    return sha[:12] + dirty
+
+
 def dvc_stage_hashes(root: Path) -> dict[str, str]:
     """Short hash of each stage's entry in dvc.lock (deps, params and outs as DVC recorded them)."""
     lock = root / "dvc.lock"

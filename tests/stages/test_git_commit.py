@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.common.tracking import git_commit
+from stages.common.tracking import git_commit, short_commit
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
 
@@ -46,3 +46,11 @@ def test_a_changed_tracked_source_file_does(repo: Path, where: str):
 
 def test_outside_a_repository_it_says_unknown(tmp_path: Path):
     assert git_commit(tmp_path) == "unknown"
+
+
+def test_reports_print_twelve_digits_and_keep_dirty(repo: Path):
+    head = _head(repo)
+    assert short_commit(git_commit(repo)) == head[:12]
+    (repo / "stages/train.py").write_text("x = 2\n")
+    assert short_commit(git_commit(repo)) == head[:12] + "-dirty"
+    assert short_commit("unknown") == "unknown" and short_commit(head[:12] + "-dirty") == head[:12] + "-dirty"
