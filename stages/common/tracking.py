@@ -55,19 +55,22 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# Files the pipeline itself rewrites on every run (`dvc exp run -S` edits params.yaml, `dvc repro` dvc.lock);
-# their content is logged as the run's params and stage hashes, so a change there is not a code change.
-PIPELINE_WRITTEN = ("params.yaml", "dvc.lock")
+#: what a run executes, relative to the repository's top: the code and the stage and dependency definitions.
+#: params.yaml is left out (a run logs its params; `dvc exp run -S` edits it), and so are the files runs and
+#: studies write (stage outputs under data/, dvc.lock, reports/), docs and tests: a change there is no change
+#: to what ran.
+RUN_CODE = ("lora_ops", "stages", "flows", "dvc.yaml", "pyproject.toml")
 
 
 def git_commit(root: Path) -> str:
-    """HEAD's sha, with ``-dirty`` when tracked files other than the pipeline's own differ from it."""
+    """HEAD's sha, with ``-dirty`` when the tracked files of :data:`RUN_CODE` differ from it."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                  *(f":(exclude,top){name}" for name in PIPELINE_WRITTEN)],
-                                 cwd=root, capture_output=True, text=True).stdout.strip()
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+
+        sha = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", *(f":(top){p}" for p in RUN_CODE))
         return sha + ("-dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

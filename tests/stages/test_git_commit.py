@@ -1,5 +1,5 @@
-"""The commit every MLflow run is tagged with: ``-dirty`` marks code that differs from it, not the
-params.yaml and dvc.lock that the pipeline rewrites on every run (those are logged as the run's params)."""
+"""The commit every MLflow run and study row is tagged with: ``-dirty`` marks code that differs from it, not
+the files runs and studies rewrite (params.yaml, dvc.lock, tracked stage outputs, reports)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,11 @@ GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
 def repo(tmp_path: Path) -> Path:
     path = tmp_path / "repo"
     (path / "stages").mkdir(parents=True)
-    for name, text in {"params.yaml": "seed: 1\n", "dvc.lock": "stages: {}\n", "stages/train.py": "x = 1\n"}.items():
+    (path / "data/evaluate").mkdir(parents=True)
+    (path / "reports").mkdir()
+    for name, text in {"params.yaml": "seed: 1\n", "dvc.lock": "stages: {}\n", "stages/train.py": "x = 1\n",
+                       "dvc.yaml": "stages: {}\n", "data/evaluate/metrics.json": "{}\n",
+                       "reports/study.csv": "task\n"}.items():
         (path / name).write_text(text)
     subprocess.run(["git", "init", "-q"], cwd=path, check=True)
     subprocess.run([*GIT, "add", "."], cwd=path, check=True)
@@ -30,17 +34,20 @@ def _head(repo: Path) -> str:
                           check=True).stdout.strip()
 
 
-def test_pipeline_written_files_do_not_make_the_commit_dirty(repo: Path):
+def test_files_runs_write_do_not_make_the_commit_dirty(repo: Path):
     (repo / "params.yaml").write_text("seed: 2\n")
     (repo / "dvc.lock").write_text("stages: {train: {}}\n")
+    (repo / "data/evaluate/metrics.json").write_text('{"score": 1}\n')  # a tracked stage output
+    (repo / "reports/study.csv").write_text("task\nsst2\n")  # a study appending to its csv
     (repo / "notes.txt").write_text("untracked\n")
     assert git_commit(repo) == _head(repo)
 
 
-@pytest.mark.parametrize("where", [".", "stages"])
-def test_a_changed_tracked_source_file_does(repo: Path, where: str):
+@pytest.mark.parametrize(("changed", "where"), [("stages/train.py", "."), ("stages/train.py", "data/evaluate"),
+                                                ("dvc.yaml", ".")])
+def test_a_changed_code_or_stage_definition_does(repo: Path, changed: str, where: str):
     (repo / "params.yaml").write_text("seed: 2\n")
-    (repo / "stages/train.py").write_text("x = 2\n")
+    (repo / changed).write_text("changed: true\n")
     assert git_commit(repo / where) == _head(repo) + "-dirty"
 
 
