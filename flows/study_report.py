@@ -19,6 +19,7 @@ from flows.variants import chart_label, figure_labels, parse_variant, training_l
 from lora_ops.methods.base import reference_method
 from lora_ops.stats import ScoreInterval
 from stages.common.plots import pyplot, save_png
+from stages.common.registry import higher_is_better
 
 #: what every run has; a method's own figures (Method.figure_labels) are the other columns
 RUN_COLUMNS = ["task", "method", "seed", "lr", "lr_factor", "selected", "metric", "score", "validation_score",
@@ -34,6 +35,12 @@ def columns_of(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     return COLUMNS + list(extra)
 
 
+def no_better_than_trivial(score: pd.Series, trivial: pd.Series, metric: str) -> pd.Series:
+    """Per run, whether its score is no better than the trivial predictor's (a constant answer; for a causal
+    LM the unadapted base), in the metric's direction."""
+    return score <= trivial if higher_is_better(metric) else score >= trivial
+
+
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of the selected runs, per task and method (in study order)."""
     sel = df[df["selected"]]
@@ -47,7 +54,8 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
             "validation_mean": g["validation_score"].astype(float).mean(),
             "trivial": g["trivial_score"].astype(float).mean(),
             # collapsed runs (e.g. the majority class after a loss spike) widen every paired interval they are in
-            "at_trivial": int((score <= g["trivial_score"].astype(float)).sum()),
+            "at_trivial": int(no_better_than_trivial(score, g["trivial_score"].astype(float),
+                                                     str(g["metric"].iloc[0])).sum()),
             "trainable_params": g["trainable_params"].astype(float).mean(),
             "stored_mean": g["stored_params"].astype(float).mean(),
             "stored_std": g["stored_params"].astype(float).std(ddof=1) if len(g) > 1 else 0.0,
@@ -131,8 +139,9 @@ def markdown(df: pd.DataFrame, header: str, command: str, preds: pd.DataFrame | 
             fmt(r["pct_of_lora"]),
             *(fmt_figure(r[c]) for c in figures), fmt(r["train_seconds"]),
             fmt(r["peak_rss_mb"], 0)]) + " |")
-    lines += ["", "`≤ trivial`: the row's runs whose dev score is no better than the trivial predictor's (the "
-              "majority class; Matthews 0): collapsed runs, each of which widens every paired interval it is in."]
+    lines += ["", "`≤ trivial`: the row's runs whose dev score is no better than the trivial predictor's (one "
+              "constant answer: the training majority class, or mean; for a causal LM the unadapted base): "
+              "collapsed runs, each of which widens every paired interval it is in."]
     lines += ["", "Learning-rate sweep (the seeds that ran every factor; the factor with the best mean validation "
               "score is chosen, dev shown for reference):", "",
               "| task | method | seed | lr factor | lr | validation | dev | chosen |", "|---|---|---|---|---|---|---|---|"]

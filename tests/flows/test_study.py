@@ -22,7 +22,16 @@ from flows.study import (
     sweep_order,
     with_earlier_rows,
 )
-from flows.study_report import COLUMNS, _place_labels, markdown, pareto_chart, peer_rows, summary, targets
+from flows.study_report import (
+    COLUMNS,
+    _place_labels,
+    markdown,
+    no_better_than_trivial,
+    pareto_chart,
+    peer_rows,
+    summary,
+    targets,
+)
 from flows.variants import chart_label, parse_variant
 from lora_ops.methods import get_method
 from lora_ops.methods.blora import BLoRAParams
@@ -147,6 +156,9 @@ def test_runs_no_better_than_the_trivial_predictor_are_counted_per_row():
     md = markdown(df, "# Method study", "cmd", preds, draws=200)
     assert "| sst2 | bone | accuracy | 0.7000 ± 0.1733 | [" in md and "| 3 | 1 | 1.0e-03 |" in md
     assert "| ≤ trivial |" in md and "`≤ trivial`: the row's runs" in md
+    # lower is better (perplexity): no better than the base is a score at or above its
+    ppl = pd.Series([30.0, 41.0, 40.0])
+    assert no_better_than_trivial(ppl, pd.Series(40.0, index=ppl.index), "perplexity").tolist() == [False, True, True]
 
 
 def test_holm_runs_across_all_targets_and_a_failed_condition_is_not_met(monkeypatch):

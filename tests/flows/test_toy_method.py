@@ -18,6 +18,7 @@ from torch import nn
 
 import flows.paired as paired
 import flows.study as study_flow
+import flows.study_report as study_report
 from lora_ops.adapters.base import AdapterLayer
 from lora_ops.methods.base import (
     Method,
@@ -158,6 +159,6 @@ def test_toy_method_through_params_shapes_stages_and_a_study(toy, tmp_path, monk
     lora = df.iloc[0].to_dict() | {"method": "lora", "toy_modules": None}
     both = pd.concat([df, pd.DataFrame([lora])], ignore_index=True)
     both_preds = pd.concat([preds, preds.assign(method="lora")], ignore_index=True)
-    (check,) = study_flow.targets(study_flow.summary(both), paired.selected(both, both_preds), draws=200)
+    (check,) = study_report.targets(study_report.summary(both), paired.selected(both, both_preds), draws=200)
     assert check.target.what == "sst2: toy within 50 pt of lora" and check.against == "lora"
     assert check.difference is not None and check.difference.mean == 0.0 and check.verdict == "met"
