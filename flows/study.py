@@ -22,7 +22,8 @@ Sequential protocol: ``--extend-inconclusive reports/study.csv`` runs only the n
 10) of the (task, method) pairs behind its inconclusive verdicts (the papers' and the compress targets, a
 row against the LoRA-by-rank frontier point at its size; both sides of each), at the lr factor each pair's
 sweep chose; every earlier row and prediction is kept (as ``--append``), so nothing earlier is rerun.
-Before it starts, the study prints its estimated CPU time (:func:`estimate_seconds`).
+Before it starts, the study prints its estimated CPU time (:func:`estimate_seconds`); ``--estimate`` prints
+only that and runs nothing.
 
 The MLflow report run holds the files (its description points to them); the flow run carries the report as a
 Prefect markdown artifact and every run as a row of a table artifact (``lora-sieve-study-<deployment>-summary``
@@ -39,6 +40,7 @@ import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ from flows import cost, frontier, paired
 from flows.pipeline import EXIT_BAD_INPUT, ROOT, parse_override, pipeline, validate_overrides
 from flows.report import log_report_run, publish_report
 from flows.study_report import COLUMNS, columns_of, markdown, pareto_chart, summary, targets
-from flows.variants import parse_variant
+from flows.variants import parse_variant, training_label
 from lora_ops.methods import get_method
 from lora_ops.methods.base import reference_method
 from stages.common.io import atomic_path
@@ -145,13 +147,30 @@ def choose_factor(sweep: list[dict[str, Any]]) -> float:
 
 
 # ----------------------------------------------------------------------------- flow
-def estimate_seconds(runs: list[tuple[str, str, int, Params]], earlier: pd.DataFrame | None) -> tuple[float, str]:
-    """CPU seconds the study's runs (task, label, seed, params) should take at most, and how that was estimated:
-    each run's training time is the mean ``train_seconds`` an earlier study.csv measured for its (task, label),
-    else for its task, else ``ROUGH_STEP_SECONDS`` per optimizer step; plus the other stages: the median of
-    ``run_seconds - train_seconds`` over the earlier rows that trained (:func:`flows.cost.beside_training`, as
-    the report's Cost section counts it), else ``STAGE_OVERHEAD_SECONDS``. Runs DVC's run cache already has cost next to
-    nothing: the estimate is an upper bound."""
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run a study will make. ``factor`` is its lr factor, or None for a seed that runs at the factor its
+    sweep will choose."""
+
+    task: str
+    label: str
+    seed: int
+    factor: float | None
+    params: Params
+
+    def training(self) -> tuple[str, str, int, float | None]:
+        """The training it needs: a ``+compress`` row trains what its method's row trains (same seed and lr)."""
+        return self.task, training_label(self.label), self.seed, self.factor
+
+
+def estimate_seconds(runs: list[PlannedRun], earlier: pd.DataFrame | None) -> tuple[float, str]:
+    """CPU seconds the study's runs should take at most, and how that was estimated. Each distinct training
+    (:meth:`PlannedRun.training`) is counted once, at the mean ``train_seconds`` an earlier study.csv measured
+    for its (task, training row), else for its task, else ``ROUGH_STEP_SECONDS`` per optimizer step. Every run
+    adds its other stages: the median seconds beside training of the earlier runs that trained
+    (:func:`flows.cost.beside_training`, as the report's Cost section counts it), else
+    ``STAGE_OVERHEAD_SECONDS``; a run whose training another run of the plan makes (a ``+compress`` row) adds
+    only those. Trainings DVC's run cache already has cost next to nothing: the estimate is an upper bound."""
     measured: dict[tuple[str, str], float] = {}
     by_task: dict[str, float] = {}
     overhead = STAGE_OVERHEAD_SECONDS
@@ -159,25 +178,33 @@ def estimate_seconds(runs: list[tuple[str, str, int, Params]], earlier: pd.DataF
     if earlier is not None and "train_seconds" in earlier.columns and len(earlier):
         secs = earlier.assign(train_seconds=pd.to_numeric(earlier["train_seconds"], errors="coerce"))
         secs = secs.dropna(subset=["train_seconds"])
-        measured = {(str(t), str(m)): float(v) for (t, m), v in secs.groupby(["task", "method"])["train_seconds"]
+        labels = secs["method"].map(lambda m: training_label(str(m)))
+        measured = {(str(t), str(m)): float(v) for (t, m), v in secs.groupby([secs["task"], labels])["train_seconds"]
                     .mean().items()}
         by_task = {str(t): float(v) for t, v in secs.groupby("task")["train_seconds"].mean().items()}
         rest = cost.beside_training(secs)
         if len(rest):
             overhead, overhead_measured = float(rest.median()), True
-    total, counts = 0.0, {"measured": 0, "rough": 0}
-    for task, label, _, p in runs:
-        seconds = measured.get((task, label), by_task.get(task))
+    total, counts, trained = 0.0, {"measured": 0, "rough": 0}, set()
+    for run in runs:
+        if run.training() in trained:
+            total += overhead
+            continue
+        trained.add(run.training())
+        seconds = measured.get((run.task, training_label(run.label)), by_task.get(run.task))
         if seconds is None:
-            steps = p.train.epochs * math.ceil(p.data.train_size / p.train.batch_size)
-            seconds = ROUGH_STEP_SECONDS * steps
+            p = run.params
+            seconds = ROUGH_STEP_SECONDS * p.train.epochs * math.ceil(p.data.train_size / p.train.batch_size)
             counts["rough"] += 1
         else:
             counts["measured"] += 1
         total += seconds + overhead
-    how = (f"{counts['measured']} runs from the training times an earlier study.csv measured, {counts['rough']} at "
-           f"~{ROUGH_STEP_SECONDS} s per optimizer step; plus ~{overhead:.0f} s per run for the other stages"
-           f"{' (as earlier runs measured)' if overhead_measured else ''}; runs in DVC's run cache cost next to nothing")
+    shared = len(runs) - len(trained)
+    how = (f"{len(trained)} trainings: {counts['measured']} at the times an earlier study.csv measured, "
+           f"{counts['rough']} at ~{ROUGH_STEP_SECONDS} s per optimizer step; plus ~{overhead:.0f} s per run for the "
+           f"other stages{' (as earlier runs measured)' if overhead_measured else ''}"
+           + (f"; {shared} runs reuse a training of the plan" if shared else "")
+           + "; runs in DVC's run cache cost next to nothing")
     return total, how
 
 
@@ -229,24 +256,55 @@ def write_report(out: Path, df: pd.DataFrame, preds: pd.DataFrame, header: str, 
     return files, report
 
 
-@flow(name="lora-sieve-study", log_prints=True)
-def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
-          lr_factors: list[float] | None = None, overrides: dict[str, Any] | None = None, repo: str = str(ROOT),
-          out_dir: str = "reports", retries: int = 2, command: str = "", append: str | None = None,
-          pairs: list[dict[str, Any]] | None = None, sweep_seeds: int = 1) -> dict[str, Any]:
-    """Sweep, then seeds, for every (task, method); write ``<out_dir>/study.{md,csv}``, the runs' per-example
-    predictions (``predictions.parquet``) and the Pareto chart.
+@dataclass
+class StudyPlan:
+    """What a study will run, validated before anything runs: ``plan`` is (task, row label, seeds, lr factors)
+    per (task, method) pair; ``checked`` the validated params of each pair's first run."""
 
-    ``append``: an earlier ``study.csv`` whose rows (and predictions, from the ``predictions.parquet`` beside it)
-    are kept, except those of the (task, method) pairs run now; every row carries the git commit it ran at and
-    its params hash, so the report says which code and configuration made it. ``pairs``: instead of
-    ``tasks`` x ``methods`` x ``seeds``, the pairs to run, each ``{"task", "method", "seeds", "lr_factors"}``
-    (the sequential protocol's extension). ``sweep_seeds``: how many of the first seeds run every lr factor; the
-    factor with the best mean validation score over them is chosen (ties: nearest the recipe)."""
-    logger = get_run_logger()
+    root: Path
+    base: dict[str, Any]
+    plan: list[tuple[str | None, str, list[int], list[float]]]
+    variants: dict[str, tuple[str, str, dict[str, Any]]]
+    checked: dict[tuple[str | None, str], Params]
+    methods: list[str]
+    seeds: list[int]
+    factors: list[float]
+    sweep_seeds: int
+
+    def overrides_for(self, task: str | None, spec: str, seed: int, factor: float = 1.0,
+                      base_lr: float = 0.0) -> dict[str, Any]:
+        _, method, settings = self.variants[spec]
+        o = {**self.base, **settings, "method.name": method, "seed": seed}
+        if task is not None:
+            o["task.name"] = task
+        if factor != 1.0:  # factor 1 is the recipe as written: same params, so DVC's cache serves earlier runs
+            o[f"{method}.recipe.lr"] = scaled(base_lr, factor)
+        return o
+
+    def runs(self) -> list[PlannedRun]:
+        """Every run, in order: each pair's sweep (seed x factor), then its other seeds at the chosen factor."""
+        out = []
+        for t, m, ss, fs in self.plan:
+            p = self.checked[(t, m)]
+            sweep, rest = sweep_order(ss, fs, self.sweep_seeds)
+            chosen = fs[0] if len(fs) == 1 else None
+            out += [PlannedRun(p.task.name, self.variants[m][0], s, f, p) for s, f in sweep]
+            out += [PlannedRun(p.task.name, self.variants[m][0], s, chosen, p) for s in rest]
+        return out
+
+    def estimate_line(self, earlier: pd.DataFrame | None) -> str:
+        runs = self.runs()
+        seconds, how = estimate_seconds(runs, earlier)
+        return f"study: {len(runs)} runs, estimated CPU time at most {seconds / 3600:.2f} h ({how})"
+
+
+def study_plan(methods: list[str], seeds: list[int], tasks: list[str] | None, lr_factors: list[float] | None,
+               overrides: dict[str, Any] | None, root: Path, pairs: list[dict[str, Any]] | None = None,
+               sweep_seeds: int = 1) -> StudyPlan:
+    """The runs of a study (see :func:`study`), every pair's params validated: a bad label or override fails
+    here, before anything runs."""
     if sweep_seeds < 1:
         raise ConfigError(f"sweep_seeds must be >= 1, got {sweep_seeds}")
-    root = Path(repo).resolve()
     base = {**(overrides or {}), "registry.enabled": False}  # a study must not move the champion
     if pairs is None:
         if not methods or not seeds:
@@ -263,26 +321,34 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
         raise ConfigError("a study needs at least one method and one seed")
     if any(f <= 0 for *_, fs in plan for f in fs):
         raise ConfigError(f"lr factors must be > 0, got {factors}")
-    variants = {spec: parse_variant(spec) for _, spec, _, _ in plan}
+    sp = StudyPlan(root, base, plan, {spec: parse_variant(spec) for _, spec, _, _ in plan}, {}, list(methods),
+                   list(seeds), factors, sweep_seeds)
+    sp.checked = {(t, m): validate_overrides(root, sp.overrides_for(t, m, ss[0])) for t, m, ss, _ in plan}
+    return sp
 
-    def overrides_for(task: str | None, spec: str, seed: int, factor: float = 1.0,
-                      base_lr: float = 0.0) -> dict[str, Any]:
-        _, method, settings = variants[spec]
-        o = {**base, **settings, "method.name": method, "seed": seed}
-        if task is not None:
-            o["task.name"] = task
-        if factor != 1.0:  # factor 1 is the recipe as written: same params, so DVC's cache serves earlier runs
-            o[f"{method}.recipe.lr"] = scaled(base_lr, factor)
-        return o
 
-    checked = {(t, m): validate_overrides(root, overrides_for(t, m, ss[0])) for t, m, ss, _ in plan}  # fail early
+@flow(name="lora-sieve-study", log_prints=True)
+def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
+          lr_factors: list[float] | None = None, overrides: dict[str, Any] | None = None, repo: str = str(ROOT),
+          out_dir: str = "reports", retries: int = 2, command: str = "", append: str | None = None,
+          pairs: list[dict[str, Any]] | None = None, sweep_seeds: int = 1) -> dict[str, Any]:
+    """Sweep, then seeds, for every (task, method); write ``<out_dir>/study.{md,csv}``, the runs' per-example
+    predictions (``predictions.parquet``) and the Pareto chart.
+
+    ``append``: an earlier ``study.csv`` whose rows (and predictions, from the ``predictions.parquet`` beside it)
+    are kept, except those of the (task, method) pairs run now; every row carries the git commit it ran at and
+    its params hash, so the report says which code and configuration made it. ``pairs``: instead of
+    ``tasks`` x ``methods`` x ``seeds``, the pairs to run, each ``{"task", "method", "seeds", "lr_factors"}``
+    (the sequential protocol's extension). ``sweep_seeds``: how many of the first seeds run every lr factor; the
+    factor with the best mean validation score over them is chosen (ties: nearest the recipe)."""
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    sp = study_plan(methods, seeds, tasks, lr_factors, overrides, root, pairs, sweep_seeds)
+    plan, variants, checked, base = sp.plan, sp.variants, sp.checked, sp.base
+    methods, seeds, factors = sp.methods, sp.seeds, sp.factors
+    overrides_for = sp.overrides_for
     earlier_csv = Path(append) if append else root / out_dir / "study.csv"
-    earlier = pd.read_csv(earlier_csv) if earlier_csv.is_file() else None
-    planned = [(checked[(t, m)].task.name, variants[m][0], seed, checked[(t, m)])
-               for t, m, ss, fs in plan for runs, rest in [sweep_order(ss, fs, sweep_seeds)]
-               for seed in [s for s, _ in runs] + rest]
-    seconds, how = estimate_seconds(planned, earlier)
-    print(f"study: {len(planned)} runs, estimated CPU time at most {seconds / 3600:.2f} h ({how})")
+    print(sp.estimate_line(pd.read_csv(earlier_csv) if earlier_csv.is_file() else None))
     rows: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []  # the pipeline results of rows, in order (the Prefect artifacts)
     frames: list[pd.DataFrame | None] = []  # each run's per-example predictions
@@ -585,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run an earlier study's selected runs again to make the per-example predictions it lost "
                          "(another machine ran it); each rerun must reproduce its row's scores exactly; the rows "
                          "and predictions go to --out (resumable), then the report is drawn there")
+    ap.add_argument("--estimate", action="store_true",
+                    help="run nothing: print how many runs the study would make and its estimated CPU time "
+                         "(from --append's or --out's study.csv where there is one), then exit")
     ap.add_argument("--note", default="", help="with --report: a sentence added to the report's header, where "
                                               "rows differ from the shared configuration (e.g. per task)")
     args = ap.parse_args(argv)
@@ -656,6 +725,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.estimate:
+        try:
+            sp = study_plan(args.methods or [], args.seeds, args.tasks, args.lr_factors, overrides, root, pairs,
+                            args.sweep_seeds)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        earlier_csv = Path(args.append) if args.append else root / args.out / "study.csv"
+        print(sp.estimate_line(pd.read_csv(earlier_csv) if earlier_csv.is_file() else None))
+        return 0
     result = study(methods=args.methods or [], seeds=args.seeds, tasks=args.tasks, lr_factors=args.lr_factors,
                    overrides=overrides, repo=str(root), out_dir=args.out, command=command,
                    append=args.append, pairs=pairs, sweep_seeds=args.sweep_seeds)

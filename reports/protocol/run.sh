@@ -6,7 +6,8 @@
 # to reports/protocol/<task>/runs/study.csv (predictions.parquet beside it stays out of git: on a fresh
 # machine make it with `--restore-predictions reports/protocol/<task>/runs/study.csv --out reports/protocol/<task>/runs`).
 # A rerun resumes: a row whose five seeds runs/study.csv already holds is skipped (delete its rows to run it
-# again), and on the machine that ran them finished runs come back from DVC's run cache.
+# again), and on the machine that ran them finished runs come back from DVC's run cache. Before the first row,
+# the estimated CPU time of the rows left is printed (`flows.study --estimate`).
 # The PEFT-style SVD trim is the row `lora+compress[rank=svd,budget=energy,energy=0.9,bits=none]`: derived from
 # the same LoRA runs (the compress stage on LoRA's cached adapters), which `svd_trim` would train again.
 # `lora+compress[confidence=null]` is the ablation of the search's acceptance rule: each candidate judged on
@@ -31,12 +32,22 @@ task=${1:?usage: reports/protocol/run.sh TASK}
 out=${OUT:-reports/protocol/$task/runs}
 python=${PYTHON:-.venv/bin/python}
 specs=${SPECS:-reports/protocol/specs.txt}
-while IFS= read -r spec; do
-  [ -z "$spec" ] && continue
-  if [ -f "$out/study.csv" ] && "$python" -c 'import sys, pandas as pd
+done_in_csv() {  # whether runs/study.csv holds the row at five selected seeds
+  [ -f "$out/study.csv" ] && "$python" -c 'import sys, pandas as pd
 rows = pd.read_csv(sys.argv[1]); row = rows[(rows["task"] == sys.argv[2]) & (rows["method"] == sys.argv[3])]
 sys.exit(0 if row[row["selected"].astype(str).str.lower() == "true"]["seed"].nunique() >= 5 else 1)' \
-      "$out/study.csv" "$task" "$spec"; then
+    "$out/study.csv" "$task" "$1"
+}
+left=()
+while IFS= read -r spec; do [ -n "$spec" ] && ! done_in_csv "$spec" && left+=("$spec"); done < "$specs"
+[ ${#left[@]} -eq 0 ] && { echo "=== $task: every row of $specs is in $out/study.csv"; exit 0; }
+append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
+echo "=== $task: ${#left[@]} rows left"
+"$python" -m flows.study --tasks "$task" --methods "${left[@]}" --seeds 1 2 3 4 5 --lr-factors 0.5 1 2 --sweep-seeds 2 \
+    -S data.validation_size=2000 --out "$out" "${append[@]}" --estimate || exit 2
+while IFS= read -r spec; do
+  [ -z "$spec" ] && continue
+  if done_in_csv "$spec"; then
     echo "=== $task: $spec is in $out/study.csv (five seeds): skipped"; continue
   fi
   append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")

@@ -12,6 +12,7 @@ import flows.paired as paired
 from flows.study import (
     STAGE_OVERHEAD_SECONDS,
     NotReproduced,
+    PlannedRun,
     check_reproduced,
     choose_factor,
     estimate_seconds,
@@ -259,13 +260,14 @@ def test_extended_pairs_keep_their_earlier_rows_and_predictions():
 
 def test_cpu_estimate_uses_measured_times_else_a_rough_step_cost():
     p = load_params(overrides={"data.train_size": 640, "train.batch_size": 32, "train.epochs": 2})
-    runs = [("sst2", "lora", 1, p), ("sst2", "eva", 1, p), ("cola", "lora", 1, p)]
+    runs = [PlannedRun("sst2", "lora", 1, 1.0, p), PlannedRun("sst2", "eva", 1, 1.0, p),
+            PlannedRun("cola", "lora", 1, 1.0, p)]
     earlier = pd.DataFrame([_row("lora", s, 0.8, 1000) for s in (1, 2)] + [_row("bone", 1, 0.8, 1000)])
     earlier.loc[2, "train_seconds"] = 40.0
     seconds, how = estimate_seconds(runs, earlier)
     # lora measured 10 s; eva: sst2's mean (10 + 10 + 40) / 3 = 20 s; cola: 40 steps at the rough cost
     assert seconds == pytest.approx(10 + 20 + 40 * 0.3 + 3 * STAGE_OVERHEAD_SECONDS)
-    assert "2 runs from the training times" in how and "1 at" in how and "as earlier runs measured" not in how
+    assert "3 trainings: 2 at the times" in how and "1 at" in how and "as earlier runs measured" not in how
     assert estimate_seconds(runs[:1], None)[0] == pytest.approx(40 * 0.3 + STAGE_OVERHEAD_SECONDS)
     # runs that measured their whole wall time: the other stages cost what they took beside training, the median
     # over the rows that trained (a row DVC's cache served ran nothing and is left out)
@@ -275,6 +277,37 @@ def test_cpu_estimate_uses_measured_times_else_a_rough_step_cost():
     seconds, how = estimate_seconds(runs, earlier)
     assert seconds == pytest.approx(10 + (10 + 10 + 40 + 10) / 4 + 40 * 0.3 + 3 * 80)  # median 80, mean 110
     assert "~80 s per run for the other stages (as earlier runs measured)" in how
+
+
+def test_cpu_estimate_counts_a_training_the_plan_shares_once():
+    p = load_params()
+    earlier = pd.DataFrame([_row("lora", 1, 0.8, 1000), _row("lora+compress", 1, 0.8, 1000)])
+    earlier["train_seconds"] = [100.0, 100.0]
+    earlier["run_seconds"] = [130.0, 12.0]  # lora trained (30 s beside training); the compress row came from the cache
+    earlier["trained"] = [True, False]
+    compress = "lora+compress[rank=none,bits=4]"
+    runs = [PlannedRun("sst2", "lora", 1, 0.5, p), PlannedRun("sst2", "lora", 1, 1.0, p),
+            PlannedRun("sst2", "lora", 3, None, p),  # seed 3 at the factor the sweep chooses
+            PlannedRun("sst2", compress, 1, 0.5, p), PlannedRun("sst2", compress, 3, None, p)]
+    seconds, how = estimate_seconds(runs, earlier)
+    # three trainings; the two compress runs reuse two of them and pay only the other stages
+    assert seconds == pytest.approx(3 * 100 + 5 * 30)
+    assert "3 trainings" in how and "2 runs reuse a training of the plan" in how
+
+
+def test_estimate_prints_the_plan_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    import flows.study as study_flow
+
+    monkeypatch.setattr(study_flow, "study", lambda **kw: pytest.fail("--estimate must not run the study"))
+    argv = ["--tasks", "sst2", "--methods", "lora", "lora+compress", "--seeds", "1", "2", "3",
+            "--lr-factors", "0.5", "1", "2", "--sweep-seeds", "2", "--estimate", "--out", str(tmp_path)]
+    assert study_flow.main(argv) == 0
+    out = capsys.readouterr().out
+    # per row: 3 factors x 2 sweep seeds + seed 3 = 7 runs; the compress row trains nothing of its own
+    assert out.startswith("study: 14 runs, estimated CPU time at most ") and "7 trainings" in out
+    assert "7 runs reuse a training of the plan" in out
+    assert not any(tmp_path.iterdir())
+    assert study_flow.main([*argv[:4], "nosuch", *argv[5:]]) == 2  # a bad row: one line, exit 2
 
 
 def test_report_paths_are_relative_to_the_repository(tmp_path):
