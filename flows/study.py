@@ -201,7 +201,7 @@ def estimate_seconds(runs: list[PlannedRun], earlier: pd.DataFrame | None) -> tu
         total += seconds + overhead
     shared = len(runs) - len(trained)
     how = (f"{len(trained)} trainings: {counts['measured']} at the times an earlier study.csv measured, "
-           f"{counts['rough']} at ~{ROUGH_STEP_SECONDS} s per optimizer step; plus ~{overhead:.0f} s per run for the "
+           f"{counts['rough']} at ~{ROUGH_STEP_SECONDS} s per optimizer step (MiniLM on 2 cores); plus ~{overhead:.0f} s per run for the "
            f"other stages{' (as earlier runs measured)' if overhead_measured else ''}"
            + (f"; {shared} runs reuse a training of the plan" if shared else "")
            + "; runs in DVC's run cache cost next to nothing")

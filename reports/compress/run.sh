@@ -17,11 +17,15 @@ task=${1:?usage: reports/compress/run.sh TASK}
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-reports/compress/$task}
 python=${PYTHON:-.venv/bin/python}
-while read -r spec; do
-  case "$spec" in ""|"#"*) continue;; esac
+specs=(); while read -r spec; do case "$spec" in ""|"#"*) ;; *) specs+=("$spec");; esac; done < "$here/specs.txt"
+append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
+"$python" -m flows.study --tasks "$task" --methods "${specs[@]}" --seeds 1 2 3 4 5 --lr-factors 1 \
+    -S data.validation_size=2000 -S train.precision=fp32 -S train.fused_adamw=false \
+    -S train.cls_only_last_layer=false --out "$out" "${append[@]}" --estimate || exit 2
+for spec in "${specs[@]}"; do
   append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
   echo "=== $(date +%T) $task: $spec"
   "$python" -m flows.study --tasks "$task" --methods "$spec" --seeds 1 2 3 4 5 --lr-factors 1 \
       -S data.validation_size=2000 -S train.precision=fp32 -S train.fused_adamw=false -S train.cls_only_last_layer=false --out "$out" "${append[@]}" || echo "=== $spec failed (rc $?)"
   git checkout -q params.yaml  # the flows leave the last run's overrides in the workspace
-done < "$here/specs.txt"
+done

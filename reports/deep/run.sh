@@ -16,11 +16,15 @@ set -u -f
 out=${OUT:-reports/deep/cola}
 python=${PYTHON:-.venv/bin/python}
 read -r -a specs <<< "${SPECS:-lora lora[adapter.rank=2] lora_drop lora_drop+compress lora+compress[rank=none,bits=4]}"
+settings=(-S model.name=smollm2-135m -S data.train_size=1520 -S data.validation_size=1000 -S train.epochs=2
+          -S train.batch_size=16 -S calibrate.ratio=0.2)
+append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
+"$python" -m flows.study --tasks cola --methods "${specs[@]}" --seeds 1 2 3 4 5 6 --lr-factors 1 "${settings[@]}" \
+    --out "$out" "${append[@]}" --estimate || exit 2
 for spec in "${specs[@]}"; do
   append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
   echo "=== $(date +%T) cola: $spec"
-  "$python" -m flows.study --tasks cola --methods "$spec" --seeds 1 2 3 4 5 6 --lr-factors 1 \
-      -S model.name=smollm2-135m -S data.train_size=1520 -S data.validation_size=1000 -S train.epochs=2 \
-      -S train.batch_size=16 -S calibrate.ratio=0.2 --out "$out" "${append[@]}" < /dev/null || echo "=== $spec failed (rc $?)"
+  "$python" -m flows.study --tasks cola --methods "$spec" --seeds 1 2 3 4 5 6 --lr-factors 1 "${settings[@]}" \
+      --out "$out" "${append[@]}" < /dev/null || echo "=== $spec failed (rc $?)"
   git checkout -q params.yaml  # the flows leave the last run's overrides in the workspace
 done

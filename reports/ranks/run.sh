@@ -18,7 +18,12 @@ task=${1:?usage: reports/ranks/run.sh TASK}
 out=${OUT:-reports/compress/$task}
 python=${PYTHON:-.venv/bin/python}
 validation=2000; case $task in mrpc|rte) validation=400;; esac
-for spec in lora "lora[adapter.rank=1]" "lora[adapter.rank=16]" "lora[adapter.rank=4]" "lora[adapter.rank=2]"; do
+specs=(lora "lora[adapter.rank=1]" "lora[adapter.rank=16]" "lora[adapter.rank=4]" "lora[adapter.rank=2]")
+append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
+"$python" -m flows.study --tasks "$task" --methods "${specs[@]}" --seeds 1 2 3 --lr-factors 1 \
+    -S data.validation_size=$validation -S train.precision=fp32 -S train.fused_adamw=false \
+    -S train.cls_only_last_layer=false --out "$out" "${append[@]}" --estimate || exit 2
+for spec in "${specs[@]}"; do
   append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
   echo "=== $(date +%T) $task: $spec"
   "$python" -m flows.study --tasks "$task" --methods "$spec" --seeds 1 2 3 --lr-factors 1 \
