@@ -235,6 +235,12 @@ def shown_command(argv: list[str], root: Path) -> str:
     return shlex.join(["python", "-m", "flows.study", *(shown(a) for a in argv)])
 
 
+def earlier_rows(append: str | None, root: Path, out_dir: str) -> pd.DataFrame | None:
+    """The study.csv a study grows (``--append``'s, else the one in its output folder), if there is one."""
+    csv = Path(append) if append else root / out_dir / "study.csv"
+    return pd.read_csv(csv) if csv.is_file() else None
+
+
 def earlier_predictions(csv: str | Path) -> pd.DataFrame:
     """The predictions file beside an earlier study.csv (empty when that study kept none)."""
     return paired.read(Path(csv).with_name("predictions.parquet"))
@@ -347,8 +353,7 @@ def study(methods: list[str], seeds: list[int], tasks: list[str] | None = None,
     plan, variants, checked, base = sp.plan, sp.variants, sp.checked, sp.base
     methods, seeds, factors = sp.methods, sp.seeds, sp.factors
     overrides_for = sp.overrides_for
-    earlier_csv = Path(append) if append else root / out_dir / "study.csv"
-    print(sp.estimate_line(pd.read_csv(earlier_csv) if earlier_csv.is_file() else None))
+    print(sp.estimate_line(earlier_rows(append, root, out_dir)))
     rows: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []  # the pipeline results of rows, in order (the Prefect artifacts)
     frames: list[pd.DataFrame | None] = []  # each run's per-example predictions
@@ -714,26 +719,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.append and not Path(args.append).is_file():
         print(f"error: --append {args.append}: no such study.csv", file=sys.stderr)
         return EXIT_BAD_INPUT
-    try:
+    try:  # every row validated before anything runs (the flow plans again from the same arguments)
         overrides = dict(parse_override(s) for s in args.set)
-        specs = [(p["task"], p["method"]) for p in pairs] if pairs is not None else \
-            [(t, m) for t in args.tasks or [None] for m in args.methods]
-        for t, spec in specs:
-            _, m, settings = parse_variant(spec)
-            o = {**overrides, **settings, "method.name": m} | ({"task.name": t} if t else {})
-            validate_overrides(root, o)
+        sp = study_plan(args.methods or [], args.seeds, args.tasks, args.lr_factors, overrides, root, pairs,
+                        args.sweep_seeds)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.estimate:
-        try:
-            sp = study_plan(args.methods or [], args.seeds, args.tasks, args.lr_factors, overrides, root, pairs,
-                            args.sweep_seeds)
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        earlier_csv = Path(args.append) if args.append else root / args.out / "study.csv"
-        print(sp.estimate_line(pd.read_csv(earlier_csv) if earlier_csv.is_file() else None))
+        print(sp.estimate_line(earlier_rows(args.append, root, args.out)))
         return 0
     result = study(methods=args.methods or [], seeds=args.seeds, tasks=args.tasks, lr_factors=args.lr_factors,
                    overrides=overrides, repo=str(root), out_dir=args.out, command=command,
