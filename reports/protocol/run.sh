@@ -39,20 +39,19 @@ sys.exit(0 if row[row["selected"].astype(str).str.lower() == "true"]["seed"].nun
     "$out/study.csv" "$task" "$1"
 }
 left=()
-while IFS= read -r spec; do [ -n "$spec" ] && ! done_in_csv "$spec" && left+=("$spec"); done < "$specs"
+while IFS= read -r spec; do
+  [ -z "$spec" ] && continue
+  if done_in_csv "$spec"; then echo "=== $task: $spec is in $out/study.csv (five seeds): skipped"; else left+=("$spec"); fi
+done < "$specs"
 [ ${#left[@]} -eq 0 ] && { echo "=== $task: every row of $specs is in $out/study.csv"; exit 0; }
 append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
 echo "=== $task: ${#left[@]} rows left"
 "$python" -m flows.study --tasks "$task" --methods "${left[@]}" --seeds 1 2 3 4 5 --lr-factors 0.5 1 2 --sweep-seeds 2 \
     -S data.validation_size=2000 --out "$out" "${append[@]}" --estimate || exit 2
-while IFS= read -r spec; do
-  [ -z "$spec" ] && continue
-  if done_in_csv "$spec"; then
-    echo "=== $task: $spec is in $out/study.csv (five seeds): skipped"; continue
-  fi
+for spec in "${left[@]}"; do
   append=(); [ -f "$out/study.csv" ] && append=(--append "$out/study.csv")
   echo "=== $(date +%T) $task: $spec"
   "$python" -m flows.study --tasks "$task" --methods "$spec" --seeds 1 2 3 4 5 --lr-factors 0.5 1 2 --sweep-seeds 2 \
       -S data.validation_size=2000 --out "$out" "${append[@]}" < /dev/null || echo "=== $spec failed (rc $?)"
   git checkout -q params.yaml  # the flows leave the last run's overrides in the workspace
-done < "$specs"
+done
